@@ -1,0 +1,34 @@
+"""UnionCAM (Hu et al. 2024) and the classic CAM baselines, batched and exact.
+
+Quick start::
+
+    import unioncam
+    model = unioncam.load_vgg16("imagenet")          # or "random", or a state-dict path
+    img = unioncam.load_image("samples/chelsea.png")  # float [3, 224, 224] in [0, 1]
+    res = unioncam.explain(model, img)                # method="unioncam"
+    res.saliency, res.target, res.score, res.details
+"""
+
+from .engine import METHODS, Explanation, explain, explain_batch
+from .errors import InvalidInputError
+from .io import decode_image, load_image, to_pixels
+from .models import PixelVGG16, imagenet_categories, load_vgg16
+from .viz import overlay, overlay_png
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS",
+    "Explanation",
+    "InvalidInputError",
+    "PixelVGG16",
+    "decode_image",
+    "explain",
+    "explain_batch",
+    "imagenet_categories",
+    "load_image",
+    "load_vgg16",
+    "overlay",
+    "overlay_png",
+    "to_pixels",
+]

@@ -1,0 +1,131 @@
+"""``unioncam`` command line: explain images (and, from their modules, archive / serve / evaluate)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+# Sub-commands that live in their own modules: each module has ``add_parser(subparsers)``, which
+# registers its command with ``set_defaults(func=...)``. Imported lazily so `unioncam --help` is quick
+# and a missing optional extra only breaks its own command.
+_PLUGIN_MODULES: tuple[str, ...] = ()
+
+
+def _parse_methods(text: str) -> list[str]:
+    from .engine import METHODS
+
+    names = [m.strip().lower() for m in text.split(",") if m.strip()]
+    if names == ["all"]:
+        return list(METHODS)
+    bad = [m for m in names if m not in METHODS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown method {', '.join(bad) or text!r}; accepted: {', '.join(METHODS)}, all")
+    return names
+
+
+def _parse_theta(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; accepted: a number in [0, 100]") from None
+    if not 0 <= v <= 100:
+        raise argparse.ArgumentTypeError(f"{text} is outside [0, 100]")
+    return v
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from . import explain_batch, load_image, load_vgg16
+    from .viz import overlay
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = load_vgg16(args.weights, seed=args.seed, device=args.device)
+    images, names = [], []
+    for path in args.images:
+        images.append(load_image(path, size=args.size))
+        names.append(Path(path).stem)
+    cats = getattr(model, "categories", None)
+    for method in args.method:
+        results = explain_batch(model, images, [args.target] * len(images), method=method, theta=args.theta,
+                                layer=args.layer, batch_size=args.batch_size, progress=not args.quiet)
+        for name, img, res in zip(names, images, results):
+            stem = out / f"{name}.{method}"
+            overlay(img, res.saliency, alpha=args.alpha, cmap=args.cmap).save(stem.with_suffix(".png"))
+            record = {
+                "image": name,
+                "method": method,
+                "target": res.target,
+                "class_name": cats[res.target] if cats else None,
+                "score": res.score,
+                "weights": str(args.weights),
+                "size": list(res.saliency.shape),
+                "details": res.details,
+            }
+            stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+            label = f"{res.target} ({record['class_name']})" if cats else str(res.target)
+            extra = f" selected={res.details['selected']}" if method == "unioncam" else ""
+            print(f"{stem}.png  class {label}  p={res.score:.4f}{extra}  {res.details['seconds']:.2f}s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .engine import METHODS
+
+    parser = argparse.ArgumentParser(
+        prog="unioncam",
+        description="Visual explanations of CNN decisions: UnionCAM (Hu et al. 2024) and CAM baselines.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    ex = sub.add_parser(
+        "explain",
+        help="explain images with VGG16 and write overlay PNGs and JSON details",
+        description="For each IMAGE and method, write OUT/<name>.<method>.png (the map over the image) "
+        "and OUT/<name>.<method>.json (class, score and the method's details).",
+    )
+    ex.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, …)")
+    ex.add_argument("--method", type=_parse_methods, default=["unioncam"],
+                    help=f"method, a comma-separated list, or 'all' ({', '.join(METHODS)}); default unioncam")
+    ex.add_argument("--target", type=int, default=None,
+                    help="class index to explain (0–999 for ImageNet); default: the predicted class")
+    ex.add_argument("--theta", type=_parse_theta, default=10.0,
+                    help="UnionCAM denoising percentile θ in [0, 100]; default 10 (the paper's)")
+    ex.add_argument("--weights", default="imagenet",
+                    help="'imagenet' (torchvision's; cached under $TORCH_HOME or downloaded), 'random' "
+                    "(seeded, for trying things offline) or a path to a torchvision VGG16 state dict")
+    ex.add_argument("--seed", type=int, default=0, help="seed for --weights random; default 0")
+    ex.add_argument("--layer", default=None, help="module name to explain; default features.29 (conv5_3 ReLU)")
+    ex.add_argument("--size", type=int, default=224, help="resize images to SIZE×SIZE first; default 224")
+    ex.add_argument("--batch-size", type=int, default=64, help="masked inputs per forward pass; default 64")
+    ex.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu; default cpu")
+    ex.add_argument("--out", default="out", help="output folder; default ./out")
+    ex.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the map; default 0.5")
+    ex.add_argument("--cmap", default="jet", help="matplotlib colormap of the overlay; default jet")
+    ex.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    ex.set_defaults(func=_cmd_explain)
+    for mod in _PLUGIN_MODULES:
+        importlib.import_module(mod).add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from .errors import InvalidInputError
+
+    try:
+        return int(args.func(args) or 0)
+    except (InvalidInputError, FileNotFoundError, RuntimeError) as exc:
+        print(f"unioncam {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
