@@ -27,7 +27,7 @@ from .io import to_pixels
 from .kernels import denoise, masked_inputs, minmax_norm, up, upsampled_range
 from .models import default_layer
 
-__all__ = ["METHODS", "Explanation", "explain", "explain_batch", "black_probs", "validate_theta"]
+__all__ = ["METHODS", "Explanation", "explain", "explain_batch", "black_probs", "union", "select", "validate_theta"]
 
 METHODS: tuple[str, ...] = ("unioncam", "gradcam", "gradcam++", "xgradcam", "layercam", "scorecam", "groupcam")
 
@@ -299,6 +299,17 @@ _GRADIENT_METHODS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor
 # --------------------------------------------------------------------------- score-weighted methods
 
 
+def _varies(acts: torch.Tensor) -> torch.Tensor:
+    """``[B, K]``: whether ``A_k`` is non-constant.
+
+    Bilinear weights are rounded, so ``up`` of a constant map can wobble by an ulp; min–max would blow that
+    wobble up into a 0/1 noise mask. Up-sampling maps a constant map to a constant one, so a channel with
+    constant activations is pruned whatever the rounding says.
+    """
+    flat = acts.flatten(2)
+    return flat.amax(-1) > flat.amin(-1)
+
+
 def _region_map(p: _Pass, scorer: _Scorer) -> tuple[torch.Tensor, torch.Tensor]:
     """Score-CAM's region map ``Lh_reg`` ``[B, H, W]`` and the active (unpruned) channel count per image.
 
@@ -307,7 +318,7 @@ def _region_map(p: _Pass, scorer: _Scorer) -> tuple[torch.Tensor, torch.Tensor]:
     """
     B, K = p.acts.shape[:2]
     lo, hi = upsampled_range(p.acts, p.size)
-    active = hi > lo
+    active = (hi > lo) & _varies(p.acts)
     b_idx, k_idx = active.nonzero(as_tuple=True)  # the one host sync of the region map
     lo_a, hi_a = lo[b_idx, k_idx], hi[b_idx, k_idx]
     scores = scorer(
@@ -321,6 +332,21 @@ def _region_map(p: _Pass, scorer: _Scorer) -> tuple[torch.Tensor, torch.Tensor]:
     return minmax_norm(l_reg.clamp_min(0)), active.sum(1)
 
 
+def union(lh_den: torch.Tensor, lh_reg: torch.Tensor, beta_den: torch.Tensor, beta_reg: torch.Tensor) -> torch.Tensor:
+    """AMU (eq. 6): ``Lh_union = norm(relu(β_den·Lh_den + β_reg·Lh_reg))`` for maps ``[B, H, W]``, β's ``[B]``."""
+    return minmax_norm((beta_den[:, None, None] * lh_den + beta_reg[:, None, None] * lh_reg).clamp_min(0))
+
+
+def select(lh_union: torch.Tensor, lh_reg: torch.Tensor, beta_union: torch.Tensor,
+           beta_reg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """AMS (eq. 8): the union map where ``β_union > β_reg`` (strictly), else the region map.
+
+    Returns ``(saliency [B, H, W], union_selected [B] bool)``.
+    """
+    chosen = beta_union > beta_reg
+    return torch.where(chosen[:, None, None], lh_union, lh_reg), chosen
+
+
 def _unioncam(p: _Pass, scorer: _Scorer, theta: float, baseline: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
     assert p.grads is not None
     B = p.x.shape[0]
@@ -329,20 +355,19 @@ def _unioncam(p: _Pass, scorer: _Scorer, theta: float, baseline: torch.Tensor) -
     lh_den = _final(l_den, p.size)
     # Region map (Score-CAM)
     lh_reg, active = _region_map(p, scorer)
-    # AMU (eqs. 4–6): β_den, β_reg in one batch of 2B
+    # AMU (eqs. 4–6): β_den and β_reg from one batch of 2B
     pair = scorer.masked(torch.cat([p.x, p.x]), torch.cat([lh_den, lh_reg]), torch.cat([p.targets, p.targets]))
     beta_den, beta_reg = pair[:B] - baseline, pair[B:] - baseline
-    lh_union = minmax_norm((beta_den[:, None, None] * lh_den + beta_reg[:, None, None] * lh_reg).clamp_min(0))
-    # AMS (eqs. 7–8): keep the union only if it scores strictly higher than the region map
+    lh_union = union(lh_den, lh_reg, beta_den, beta_reg)
+    # AMS (eqs. 7–8)
     beta_union = scorer.masked(p.x, lh_union, p.targets) - baseline
-    selected = beta_union > beta_reg
-    saliency = torch.where(selected[:, None, None], lh_union, lh_reg)
+    saliency, chosen = select(lh_union, lh_reg, beta_union, beta_reg)
     stats = {
         "beta_denoise": beta_den,
         "beta_region": beta_reg,
         "beta_union": beta_union,
         "baseline_score": baseline,
-        "selected": selected,
+        "selected": chosen,
         "active_channels": active,
         "denoised_fraction": removed,
         "denoised_positive_fraction": removed_pos,
