@@ -149,7 +149,7 @@ def _capture(module: nn.Module, name: str, need_grad: bool) -> Iterator[dict[str
             a.requires_grad_(True)
         store["A"] = a
         # A clone goes on, so that an in-place op after the layer (ReLU(inplace=True)) cannot touch A.
-        return a.clone() if need_grad else out
+        return a.clone()
 
     handle = module.register_forward_hook(hook)
     try:
