@@ -400,7 +400,7 @@ def _groupcam(p: _Pass, scorer: _Scorer) -> tuple[torch.Tensor, dict[str, Any]]:
     flat = u.flatten(2)
     active = flat.amax(-1) > flat.amin(-1)
     masks = minmax_norm(u)
-    k = min(GROUPCAM_BLUR[0], 2 * (min(p.size) // 2) - 1)  # reflect padding needs kernel // 2 < side
+    k = min(GROUPCAM_BLUR[0], 2 * min(p.size) - 1)  # reflect padding needs kernel // 2 < side
     blurred = gaussian_blur(p.x, [k, k], [GROUPCAM_BLUR[1]] * 2) if k >= 3 else p.x
     base = scorer(B, lambda i, j: blurred[i:j], p.targets)
     b_idx, g_idx = active.nonzero(as_tuple=True)
