@@ -83,6 +83,7 @@ def test_groupcam_follows_its_authors_algorithm():
 
     def keep(_m, _i, out):
         acts["A"] = out
+        return out.clone()  # the in-place ReLU that follows must not overwrite the kept activations
 
     h = model.conv2.register_forward_hook(keep)
     logits = model(x[None])
