@@ -44,18 +44,18 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = load_vgg16(args.weights, seed=args.seed, device=args.device)
     images, names = [], []
-    for path in args.images:
+    for path in args.images:  # read every image before the (slow) model load: a bad file fails at once
         images.append(load_image(path, size=args.size))
         names.append(Path(path).stem)
+    model = load_vgg16(args.weights, seed=args.seed, device=args.device)
     cats = getattr(model, "categories", None)
     for method in args.method:
         results = explain_batch(model, images, [args.target] * len(images), method=method, theta=args.theta,
                                 layer=args.layer, batch_size=args.batch_size, progress=not args.quiet)
         for name, img, res in zip(names, images, results):
             stem = out / f"{name}.{method}"
-            overlay(img, res.saliency, alpha=args.alpha, cmap=args.cmap).save(stem.with_suffix(".png"))
+            overlay(img, res.saliency, alpha=args.alpha, cmap=args.cmap).save(f"{stem}.png")
             record = {
                 "image": name,
                 "method": method,
@@ -66,7 +66,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
                 "size": list(res.saliency.shape),
                 "details": res.details,
             }
-            stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+            Path(f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
             label = f"{res.target} ({record['class_name']})" if cats else str(res.target)
             extra = f" selected={res.details['selected']}" if method == "unioncam" else ""
             print(f"{stem}.png  class {label}  p={res.score:.4f}{extra}  {res.details['seconds']:.2f}s")

@@ -116,7 +116,7 @@ def _validate_targets(targets: Sequence[Any], num_classes: int | None) -> None:
         if isinstance(t, bool) or not isinstance(t, int):
             raise InvalidInputError("target", f"{t!r} is not a class index", accepted)
         if t < 0 or (num_classes is not None and t >= num_classes):
-            raise InvalidInputError("target", f"{t} is out of range", f"an integer in [0, {num_classes - 1}]")
+            raise InvalidInputError("target", f"{t} is out of range", accepted)
 
 
 # -------------------------------------------------------------------------------------------- the core
