@@ -294,8 +294,14 @@ class TorchServe:
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+                pass
+        # The launcher can exit before its Java frontend and Python workers do: wait for the whole group.
+        deadline = time.monotonic() + timeout
+        while _group_alive(self.proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if _group_alive(self.proc.pid):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
         if getattr(self, "_out", None):
             self._out.close()
         return self.proc.returncode
@@ -305,6 +311,16 @@ class TorchServe:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _ports_of(text: str) -> Ports:
