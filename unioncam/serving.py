@@ -53,7 +53,7 @@ class ArchiveSettings:
         if self.weights == "random":
             handler.update(weights="random", seed=self.seed)
         else:
-            handler.update(weights="file", weights_file="vgg16.pth")
+            handler.update(weights="file", weights_file="vgg16.pth", source=str(self.weights))
         doc = {"minWorkers": self.workers, "maxWorkers": self.workers, "batchSize": self.max_batch_size,
                "maxBatchDelay": self.max_batch_delay_ms, "responseTimeout": self.response_timeout_s,
                "handler": handler}
@@ -359,6 +359,17 @@ def _resolve_weights(weights: str | None) -> str:
     return "random"
 
 
+def _archived_yaml(mar: Path) -> str | None:
+    """The ``model-config.yaml`` inside an archive (``None`` if there is no readable archive)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(mar) as z:
+            return z.read("model-config.yaml").decode()
+    except (OSError, KeyError, zipfile.BadZipFile):
+        return None
+
+
 def _cmd_archive(args: argparse.Namespace) -> int:
     mar = build_archive(_settings(args), args.model_store, args.name, force=True)
     print(f"{mar}  ({mar.stat().st_size / 1e6:.1f} MB, weights {args.weights})")
@@ -369,9 +380,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     args.weights = _resolve_weights(args.weights)
     store = Path(args.model_store)
     mar = store / f"{args.name}.mar"
-    if not mar.exists() or args.rebuild:
+    settings = _settings(args)
+    if args.rebuild or _archived_yaml(mar) != settings.yaml():
         print(f"building {mar} (weights {args.weights}) …", flush=True)
-        build_archive(_settings(args), store, args.name, force=True)
+        build_archive(settings, store, args.name, force=True)
     config = Path(args.config) if args.config else None
     run_dir = Path(args.runs) / (args.run_name or time.strftime("%Y%m%d-%H%M%S"))
     server = TorchServe(model_store=store, run_dir=run_dir, models={args.name: mar.name}, config=config)
@@ -421,14 +433,16 @@ def add_parser(subparsers: Any) -> None:
                                "index_to_name.json, model-config.yaml and the weights.")
     _add_archive_options(ar, "imagenet")
     ar.set_defaults(func=_cmd_archive)
-    sv = subparsers.add_parser("serve", help="build the archive if missing and run TorchServe in the foreground",
-                               description="Build model_store/NAME.mar if missing and run TorchServe with "
+    sv = subparsers.add_parser("serve", help="build the archive if needed and run TorchServe in the foreground",
+                               description="Build model_store/NAME.mar if missing or built with other "
+                               "settings, and run TorchServe with "
                                "its temp, log, metric and pid files under runs/RUN_NAME/. Ctrl-C stops it.")
     _add_archive_options(sv, None)
     sv.add_argument("--config", default=str(ROOT / "config.properties") if (ROOT / "config.properties").exists()
                     else None, help="config.properties to use; default the repository's")
     sv.add_argument("--runs", default="runs", help="parent of run folders; default ./runs")
     sv.add_argument("--run-name", default=None, help="run folder name; default the start time")
-    sv.add_argument("--rebuild", action="store_true", help="rebuild the archive even if present")
+    sv.add_argument("--rebuild", action="store_true",
+                    help="rebuild the archive even if present with the same settings (e.g. a changed engine)")
     sv.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for the model")
     sv.set_defaults(func=_cmd_serve)
