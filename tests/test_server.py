@@ -58,7 +58,7 @@ GOOD = _png(_photo(0))
 def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("serve")
     settings = ArchiveSettings(weights="random", seed=0, image_size=SIZE, method="unioncam", batch_size=64,
-                               max_batch_size=4, max_batch_delay_ms=200, response_timeout_s=120)
+                               max_batch_size=4, max_batch_delay_ms=100, response_timeout_s=120)
     build_archive(settings, base / "model_store", NAME)
     config = base / "config.properties"
     config.write_text(config_text(Ports.free(), max_request_mb=1))
@@ -105,11 +105,9 @@ def _assert_same(body: dict, ref: unioncam.Explanation) -> None:
     assert body["method"] == ref.method
     assert body["score"] == pytest.approx(ref.score, rel=1e-5)
     got, want = _map(body), ref.saliency.to(torch.float16)
-    # The worker runs the same engine on the same pixels; float16 is the wire format. Different thread
-    # counts may reorder float32 sums, which can flip at most the last float16 bit of a few pixels.
+    # Same engine, same pixels, same CPU: the float16 wire map is bit-identical to the library's.
     assert got.shape == want.shape
-    assert (got.float() - want.float()).abs().max().item() <= 2e-3
-    assert (got == want).float().mean().item() >= 0.95
+    assert torch.equal(got, want), (got.float() - want.float()).abs().max().item()
 
 
 def _is_error(r, field: str, code: int = 400) -> dict:
@@ -362,7 +360,7 @@ def test_worker_memory_is_flat_over_hundreds_of_requests(server):
     b64 = base64.b64encode(GOOD).decode()
 
     def burst(n):
-        with ThreadPoolExecutor(4) as pool:
+        with ThreadPoolExecutor(8) as pool:  # enough clients to fill batches: no waiting on the batch delay
             rs = list(pool.map(lambda i: _post(server, f"/predictions/{NAME}", data=GOOD) if i % 4 else
                                _post(server, f"/explanations/{NAME}", json={"image": b64, "method": "gradcam"}),
                                range(n)))
@@ -408,6 +406,6 @@ def test_archive_is_self_contained_and_tiny(server):
     cfg = yaml.safe_load(z.read("model-config.yaml"))
     assert cfg["handler"] == {"image_size": SIZE, "method": "unioncam", "theta": 10.0, "layer": None,
                               "batch_size": 64, "weights": "random", "seed": 0}
-    assert cfg["batchSize"] == 4 and cfg["maxBatchDelay"] == 200 and cfg["responseTimeout"] == 120
+    assert cfg["batchSize"] == 4 and cfg["maxBatchDelay"] == 100 and cfg["responseTimeout"] == 120
     names_map = json.loads(z.read("index_to_name.json"))
     assert len(names_map) == 1000 and names_map["0"] == unioncam.imagenet_categories()[0]
