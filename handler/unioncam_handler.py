@@ -125,8 +125,10 @@ class UnionCAMHandler(BaseHandler):
         if isinstance(value, dict) and "b64" in value:  # KServe v1's binary convention
             value = value["b64"]
         if isinstance(value, str):
-            try:
-                value = base64.b64decode(value, validate=True)
+            if value.startswith("data:") and "," in value:  # a data URL: data:image/png;base64,<data>
+                value = value.split(",", 1)[1]
+            try:  # `base64` without -w0 wraps lines: whitespace is not an error
+                value = base64.b64decode("".join(value.split()), validate=True)
             except (binascii.Error, ValueError):
                 raise InvalidInputError(name, "is text but not valid base64", "an image file, or its bytes in base64")
         elif isinstance(value, (list, dict)) or value is None:

@@ -129,7 +129,8 @@ def test_prediction_forms_agree_with_the_model(server, model):
     b64 = base64.b64encode(GOOD).decode()
     raw = _post(server, f"/predictions/{NAME}", data=GOOD).json()["predictions"]
     form = _post(server, f"/predictions/{NAME}", files={"image": GOOD}).json()["predictions"]
-    js = _post(server, f"/predictions/{NAME}", json={"image": b64}).json()["predictions"]
+    wrapped = "\n".join(b64[i:i + 76] for i in range(0, len(b64), 76))  # as `base64` prints it
+    js = _post(server, f"/predictions/{NAME}", json={"image": wrapped}).json()["predictions"]
     v1 = _post(server, f"/v1/models/{NAME}:predict", json={"instances": [{"image": {"b64": b64}}]}).json()
     v2 = _post(server, f"/v2/models/{NAME}/infer",
                json={"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64]}]}).json()
