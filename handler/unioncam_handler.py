@@ -25,10 +25,11 @@ logger = logging.getLogger(__name__)
 # The archive carries its own copy of the engine next to this file: put it first on sys.path so the
 # worker runs the archived engine, not whatever ``unioncam`` an environment happens to have.
 _HERE = os.path.dirname(os.path.abspath(__file__))
-if sys.path[:1] != [_HERE]:
-    sys.path.insert(0, _HERE)
-for _name in [m for m in sys.modules if m == "unioncam" or m.startswith("unioncam.")]:
-    del sys.modules[_name]
+if os.path.isdir(os.path.join(_HERE, "unioncam")):
+    if sys.path[:1] != [_HERE]:
+        sys.path.insert(0, _HERE)
+    for _name in [m for m in sys.modules if m == "unioncam" or m.startswith("unioncam.")]:
+        del sys.modules[_name]
 
 import torch  # noqa: E402
 
@@ -131,8 +132,9 @@ class UnionCAMHandler(BaseHandler):
                 value = base64.b64decode("".join(value.split()), validate=True)
             except (binascii.Error, ValueError):
                 raise InvalidInputError(name, "is text but not valid base64", "an image file, or its bytes in base64")
-        elif isinstance(value, (list, dict)) or value is None:
-            raise InvalidInputError(name, f"is a JSON {type(value).__name__}", "an image file, or its bytes in base64")
+        elif not isinstance(value, (bytes, bytearray)):
+            kind = "null" if value is None else type(value).__name__
+            raise InvalidInputError(name, f"is a JSON {kind}", "an image file, or its bytes in base64")
         pil = unioncam.decode_image(value, field=name)
         pixels = unioncam.to_pixels(pil, size=self.image_size)
         return pixels, (time.perf_counter() - start) * 1000
