@@ -388,6 +388,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     run_dir = Path(args.runs) / (args.run_name or time.strftime("%Y%m%d-%H%M%S"))
     server = TorchServe(model_store=store, run_dir=run_dir, models={args.name: mar.name}, config=config)
     print(f"starting TorchServe; run folder {run_dir}", flush=True)
+
+    def _terminate(_sig: int, _frame: Any) -> None:
+        raise KeyboardInterrupt  # `kill` / a service manager: stop the server as Ctrl-C does
+
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         server.start(timeout=args.startup_timeout)
         key = server.keys()["inference"]
