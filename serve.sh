@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Set up (first run only) and explain the sample photo with UnionCAM: ./serve.sh [unioncam explain args]
+# Set up (first run only) and serve UnionCAM with TorchServe on 127.0.0.1: ./serve.sh [unioncam serve args]
+# Without --weights: ImageNet VGG16 if its file is in the torch hub cache, else a random VGG16 with a warning.
+# Run files (token in key_file.json, logs, metrics, temp) go to runs/<start time>/; Ctrl-C stops the server.
 set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/bootstrap.sh
-if [ "$#" -eq 0 ]; then set -- samples/chelsea.png --weights random --out out; fi
-exec unioncam explain "$@"
+exec unioncam serve "$@"

@@ -1,0 +1,90 @@
+"""``unioncam serve`` / ``unioncam archive`` from the command line, and the shipped config.properties."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from unioncam.serving import Ports, _ports_of, config_text
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _props(text: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("#"))
+
+
+def test_shipped_config_is_loopback_only_with_token_auth():
+    text = (ROOT / "config.properties").read_text()
+    props = _props(text)
+    for key in ("inference_address", "management_address", "metrics_address"):
+        assert props[key].startswith("http://127.0.0.1:"), key
+    assert props["grpc_inference_address"] == props["grpc_management_address"] == "127.0.0.1"
+    assert props["disable_token_authorization"] == "false"
+    assert props["metrics_mode"] == "prometheus"
+    assert 0 < int(props["max_request_size"]) <= 64 * 1024 * 1024
+    assert text == config_text(Ports())  # the file and the generator stay in step
+    assert _ports_of(text) == Ports()
+
+
+def test_archive_refuses_bad_weights_clearly(tmp_path, capsys):
+    from unioncam.cli import main
+
+    assert main(["archive", "--weights", str(tmp_path / "missing.pth"), "--model-store", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "missing.pth" in err and "neither 'imagenet', 'random' nor an existing file" in err
+    assert main(["archive", "--weights", "random", "--image-size", "8", "--model-store", str(tmp_path)]) == 2
+    assert "image-size" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.mar"))
+
+
+@pytest.mark.server
+def test_serve_builds_runs_and_stops_on_ctrl_c(tmp_path):
+    import requests
+
+    config = tmp_path / "config.properties"
+    config.write_text(config_text(Ports.free()))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "unioncam", "serve", "--weights", "random", "--image-size", "32",
+         "--method", "gradcam", "--model-store", str(tmp_path / "store"), "--runs", str(tmp_path / "runs"),
+         "--run-name", "t", "--config", str(config)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+    run = tmp_path / "runs" / "t"
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("Ctrl-C stops"):
+                break
+        assert any(x.startswith("ready:") for x in lines), "".join(lines)
+        assert (tmp_path / "store" / "unioncam.mar").is_file()
+        for sub in ("key_file.json", "config.properties", "torchserve.pid", "logs/model_log.log", "tmp"):
+            assert (run / sub).exists(), sub
+        key = json.loads((run / "key_file.json").read_text())["inference"]["key"]
+        port = _ports_of(config.read_text()).inference
+        r = requests.post(f"http://127.0.0.1:{port}/predictions/unioncam", data=(ROOT / "samples/chelsea.png").read_bytes(),
+                          headers={"Authorization": f"Bearer {key}"}, timeout=60)
+        assert r.status_code == 200 and len(r.json()["predictions"]) == 5
+        ts_pid = int((run / "torchserve.pid").read_text())
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal sends
+        rest, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, "".join(lines) + rest
+        assert "stopping TorchServe" in rest
+        with pytest.raises(ProcessLookupError):
+            os.killpg(ts_pid, 0)  # the whole TorchServe process group is gone
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

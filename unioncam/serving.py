@@ -1,0 +1,453 @@
+"""TorchServe packaging and running: ``unioncam archive`` and ``unioncam serve``.
+
+``build_archive`` writes ``model_store/<name>.mar``: the handler, a copy of this ``unioncam`` package
+(so the worker imports the archived engine), ``index_to_name.json``, ``model-config.yaml`` and the
+weights (for ``random`` only the seed). ``TorchServe`` starts the server with every temp, log, metric
+and pid file under one run folder; ``unioncam serve`` runs it in the foreground.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ArchiveSettings", "Ports", "build_archive", "config_text", "TorchServe", "free_port", "add_parser"]
+
+ROOT = Path(__file__).resolve().parent.parent
+HANDLER = ROOT / "handler" / "unioncam_handler.py"
+PACKAGE = Path(__file__).resolve().parent
+
+
+@dataclass
+class ArchiveSettings:
+    """What goes into ``model-config.yaml``: TorchServe's batching and the engine's defaults."""
+
+    weights: str = "imagenet"
+    seed: int = 0
+    image_size: int = 224
+    method: str = "unioncam"
+    theta: float = 10.0
+    layer: str | None = None
+    batch_size: int = 64  # masked inputs per forward
+    max_batch_size: int = 4  # requests TorchServe groups into one handler call
+    max_batch_delay_ms: int = 50
+    response_timeout_s: int = 600  # a 224×224 UnionCAM is ~500 VGG16 forwards: minutes on a CPU
+    workers: int = 1
+
+    def yaml(self) -> str:
+        import yaml
+
+        handler = {"image_size": self.image_size, "method": self.method, "theta": self.theta,
+                   "layer": self.layer, "batch_size": self.batch_size}
+        if self.weights == "random":
+            handler.update(weights="random", seed=self.seed)
+        else:
+            handler.update(weights="file", weights_file="vgg16.pth", source=str(self.weights))
+        doc = {"minWorkers": self.workers, "maxWorkers": self.workers, "batchSize": self.max_batch_size,
+               "maxBatchDelay": self.max_batch_delay_ms, "responseTimeout": self.response_timeout_s,
+               "handler": handler}
+        return yaml.safe_dump(doc, sort_keys=False)
+
+
+def _validate(settings: ArchiveSettings) -> None:
+    from .engine import validate_method, validate_theta
+    from .errors import InvalidInputError
+
+    validate_method(settings.method)
+    validate_theta(settings.theta)
+    for name in ("image_size", "batch_size", "max_batch_size", "workers", "response_timeout_s"):
+        v = getattr(settings, name)
+        if not isinstance(v, int) or v < 1:
+            raise InvalidInputError(name.replace("_", "-"), f"{v!r}", "an integer ≥ 1")
+    if settings.image_size < 32:
+        raise InvalidInputError("image-size", f"{settings.image_size} is too small for VGG16's five poolings",
+                                "an integer ≥ 32")
+
+
+def _weights_file(weights: str, dest: Path) -> None:
+    """Write the VGG16 state dict for ``weights`` ("imagenet" or a path) to ``dest``."""
+    import torch
+
+    from .models import load_vgg16
+
+    if weights != "imagenet" and Path(weights).is_file():
+        load_vgg16(weights)  # refuse a file that is not a VGG16 state dict now, not in the worker
+        shutil.copyfile(weights, dest)
+        return
+    model = load_vgg16(weights)  # "imagenet": cached or downloaded; raises with instructions if neither
+    torch.save(model.state_dict(), dest)
+
+
+def build_archive(settings: ArchiveSettings, model_store: str | os.PathLike = "model_store", name: str = "unioncam",
+                  force: bool = False) -> Path:
+    """Build ``<model_store>/<name>.mar`` and return its path (kept as is when present and not ``force``)."""
+    _validate(settings)
+    if not HANDLER.is_file():
+        raise RuntimeError(f"the handler {HANDLER} is missing: archives are built from a source checkout")
+    store = Path(model_store)
+    store.mkdir(parents=True, exist_ok=True)
+    mar = store / f"{name}.mar"
+    if mar.exists() and not force:
+        return mar
+    from .models import imagenet_categories
+
+    with tempfile.TemporaryDirectory(prefix="unioncam-archive-") as tmp:
+        stage = Path(tmp)
+        # --extra-files copies a folder's *contents* into the archive root: "files/unioncam" → "unioncam/".
+        files = stage / "files"
+        shutil.copytree(PACKAGE, files / "unioncam", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        (files / "index_to_name.json").write_text(json.dumps({str(i): c for i, c in enumerate(imagenet_categories())}))
+        (stage / "model-config.yaml").write_text(settings.yaml())
+        extra = [files]
+        cmd = [sys.executable, "-m", "model_archiver.model_packaging", "--model-name", name, "--version", "1.0",
+               "--handler", str(HANDLER), "--config-file", str(stage / "model-config.yaml"),
+               "--export-path", str(store), "--force"]
+        if settings.weights != "random":
+            _weights_file(settings.weights, stage / "vgg16.pth")
+            cmd += ["--serialized-file", str(stage / "vgg16.pth")]
+        cmd += ["--extra-files", ",".join(str(p) for p in extra)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not mar.exists():
+            raise RuntimeError(f"torch-model-archiver failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout}")
+    return mar
+
+
+# ----------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class Ports:
+    inference: int = 8080
+    management: int = 8081
+    metrics: int = 8082
+    grpc_inference: int = 7070
+    grpc_management: int = 7071
+
+    @classmethod
+    def free(cls) -> "Ports":
+        return cls(*(free_port() for _ in range(5)))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def config_text(ports: Ports, max_request_mb: int = 16, max_response_mb: int = 16) -> str:
+    """``config.properties``: loopback only, token authorization on, Prometheus metrics."""
+    mb = 1024 * 1024
+    return "\n".join([
+        "# TorchServe settings for unioncam: every address on 127.0.0.1 only.",
+        f"inference_address=http://127.0.0.1:{ports.inference}",
+        f"management_address=http://127.0.0.1:{ports.management}",
+        f"metrics_address=http://127.0.0.1:{ports.metrics}",
+        f"grpc_inference_address=127.0.0.1",
+        f"grpc_management_address=127.0.0.1",
+        f"grpc_inference_port={ports.grpc_inference}",
+        f"grpc_management_port={ports.grpc_management}",
+        "# Token authorization stays on: TorchServe writes the keys to key_file.json in its working folder.",
+        "disable_token_authorization=false",
+        "enable_model_api=false",
+        "# Uploads are images (a 4000x3000 JPEG is a few MB); a PNG overlay or JSON map is well under 16 MB.",
+        f"max_request_size={max_request_mb * mb}",
+        f"max_response_size={max_response_mb * mb}",
+        "metrics_mode=prometheus",
+        "model_metrics_auto_detect=true",
+        "enable_metrics_api=true",
+        "default_workers_per_model=1",
+        "# The image decoder has its own pixel limit with a clear error; PIL's would only warn.",
+        "limit_max_image_pixels=false",
+        "",
+    ])
+
+
+# ------------------------------------------------------------------------------------------ server
+
+
+@dataclass
+class TorchServe:
+    """One TorchServe run whose files all live under ``run_dir``.
+
+    ``start()`` launches it (foreground process, our child) and waits until ``model`` answers;
+    ``stop()`` ends it. ``run_dir`` gets ``config.properties``, ``key_file.json``, ``logs/``, ``tmp/``.
+    """
+
+    model_store: Path
+    run_dir: Path
+    models: dict[str, str] = field(default_factory=lambda: {"unioncam": "unioncam.mar"})
+    ports: Ports = field(default_factory=Ports)
+    config: Path | None = None  # a config.properties to use instead of one generated for ``ports``
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.inference}"
+
+    @property
+    def management_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.management}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.metrics}"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.run_dir / "logs"
+
+    def keys(self) -> dict[str, str]:
+        """The inference and management tokens from ``key_file.json``."""
+        data = json.loads((self.run_dir / "key_file.json").read_text())
+        return {"inference": data["inference"]["key"], "management": data["management"]["key"]}
+
+    def headers(self, api: str = "inference") -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.keys()[api]}"}
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        self.run_dir = Path(self.run_dir).resolve()
+        for sub in ("logs", "tmp", "metrics"):
+            (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
+        config = self.run_dir / "config.properties"
+        text = Path(self.config).read_text() if self.config is not None else config_text(self.ports)
+        self.ports = _ports_of(text)
+        if not any(line.startswith("python=") for line in text.splitlines()):
+            # Workers run on this interpreter (the one with torch and ts), whatever PATH says.
+            text += f"python={sys.executable}\n"
+        config.write_text(text)
+        torchserve = shutil.which("torchserve", path=str(Path(sys.executable).parent) + os.pathsep
+                                  + os.environ.get("PATH", ""))
+        if torchserve is None:
+            raise RuntimeError("torchserve is not installed: pip install -e '.[serve]' (needs Java 17)")
+        models = " ".join(f"{k}={v}" for k, v in self.models.items())
+        cmd = [torchserve, "--start", "--foreground", "--ncs", "--model-store", str(Path(self.model_store).resolve()),
+               "--ts-config", str(config), "--models", models]
+        env = dict(os.environ)
+        env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+        env.update(TMPDIR=str(self.run_dir / "tmp"), LOG_LOCATION=str(self.log_dir),
+                   METRICS_LOCATION=str(self.run_dir / "metrics"), TEMP=str(self.run_dir / "tmp"))
+        # The worker must import the archived engine: drop a source checkout from its path.
+        env.pop("PYTHONPATH", None)
+        return cmd, env
+
+    def start(self, timeout: float = 180.0) -> "TorchServe":
+        cmd, env = self.command()
+        self._out = open(self.log_dir / "torchserve.out", "ab")
+        # Own process group: Ctrl-C in a terminal reaches us, and we stop the server ourselves.
+        self.proc = subprocess.Popen(cmd, cwd=self.run_dir, env=env, stdout=self._out, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        (self.run_dir / "torchserve.pid").write_text(f"{self.proc.pid}\n")
+        self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        """Wait until every model has a READY worker; raise with the log's tail if the server dies."""
+        import requests
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"torchserve exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                ok = True
+                for name in self.models:
+                    r = requests.get(f"{self.management_url}/models/{name}", headers=self.headers("management"),
+                                     timeout=5)
+                    ok = ok and r.status_code == 200 and any(
+                        w.get("status") == "READY" for w in r.json()[0].get("workers", []))
+                if ok:
+                    return
+            except (OSError, ValueError, KeyError, requests.RequestException):
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"torchserve not ready after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 40) -> str:
+        lines = []
+        for name in ("torchserve.out", "model_log.log", "ts_log.log"):
+            p = self.log_dir / name
+            if p.exists():
+                lines += [f"--- {p}"] + p.read_text(errors="replace").splitlines()[-n:]
+        return "\n".join(lines)
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """Stop the server (SIGTERM to its process group, then SIGKILL) and return its exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        # The launcher can exit before its Java frontend and Python workers do: wait for the whole group.
+        deadline = time.monotonic() + timeout
+        while _group_alive(self.proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if _group_alive(self.proc.pid):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        if getattr(self, "_out", None):
+            self._out.close()
+        return self.proc.returncode
+
+    def __enter__(self) -> "TorchServe":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _ports_of(text: str) -> Ports:
+    props = dict(line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("#"))
+
+    def port(key: str, default: int) -> int:
+        return int(props.get(key, f":{default}").rsplit(":", 1)[-1])
+
+    return Ports(port("inference_address", 8080), port("management_address", 8081), port("metrics_address", 8082),
+                 int(props.get("grpc_inference_port", 7070)), int(props.get("grpc_management_port", 7071)))
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def _settings(args: argparse.Namespace) -> ArchiveSettings:
+    return ArchiveSettings(weights=args.weights, seed=args.seed, image_size=args.image_size, method=args.method,
+                           theta=args.theta, layer=args.layer, batch_size=args.batch_size,
+                           max_batch_size=args.max_batch_size, max_batch_delay_ms=args.max_batch_delay,
+                           response_timeout_s=args.response_timeout)
+
+
+def _resolve_weights(weights: str | None) -> str:
+    """``None`` → ImageNet if its file is cached, else random with a warning (this machine may be offline)."""
+    if weights is not None:
+        return weights
+    import torch
+    from torchvision.models import VGG16_Weights
+
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(VGG16_Weights.IMAGENET1K_V1.url)
+    if cached.is_file():
+        return "imagenet"
+    print(f"unioncam serve: warning: ImageNet VGG16 weights are not cached at {cached}; serving a RANDOM "
+          "VGG16 (seed 0) so the service can be tried. Its classes and maps mean nothing. "
+          "Pass --weights imagenet (downloads 528 MB) or --weights PATH for real use.", file=sys.stderr)
+    return "random"
+
+
+def _archived_yaml(mar: Path) -> str | None:
+    """The ``model-config.yaml`` inside an archive (``None`` if there is no readable archive)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(mar) as z:
+            return z.read("model-config.yaml").decode()
+    except (OSError, KeyError, zipfile.BadZipFile):
+        return None
+
+
+def _cmd_archive(args: argparse.Namespace) -> int:
+    mar = build_archive(_settings(args), args.model_store, args.name, force=True)
+    print(f"{mar}  ({mar.stat().st_size / 1e6:.1f} MB, weights {args.weights})")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    args.weights = _resolve_weights(args.weights)
+    store = Path(args.model_store)
+    mar = store / f"{args.name}.mar"
+    settings = _settings(args)
+    if args.rebuild or _archived_yaml(mar) != settings.yaml():
+        print(f"building {mar} (weights {args.weights}) …", flush=True)
+        build_archive(settings, store, args.name, force=True)
+    config = Path(args.config) if args.config else None
+    run_dir = Path(args.runs) / (args.run_name or time.strftime("%Y%m%d-%H%M%S"))
+    server = TorchServe(model_store=store, run_dir=run_dir, models={args.name: mar.name}, config=config)
+    print(f"starting TorchServe; run folder {run_dir}", flush=True)
+
+    def _terminate(_sig: int, _frame: Any) -> None:
+        raise KeyboardInterrupt  # `kill` / a service manager: stop the server as Ctrl-C does
+
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        server.start(timeout=args.startup_timeout)
+        key = server.keys()["inference"]
+        print(f"ready: {server.url}/predictions/{args.name}  {server.url}/explanations/{args.name}\n"
+              f"token: {key}  (also in {run_dir / 'key_file.json'})\n"
+              f"metrics: {server.metrics_url}/metrics   logs: {server.log_dir}\n"
+              "Ctrl-C stops the server.", flush=True)
+        while server.proc is not None and server.proc.poll() is None:
+            time.sleep(0.5)
+        print(f"torchserve exited with {server.proc.returncode}; see {server.log_dir}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nstopping TorchServe …", flush=True)
+        return 0
+    finally:
+        server.stop()
+
+
+def _add_archive_options(p: argparse.ArgumentParser, weights_default: str | None) -> None:
+    from .engine import METHODS
+
+    default = weights_default or "imagenet if cached, else random with a warning"
+    p.add_argument("--weights", default=weights_default,
+                   help="'imagenet' (torchvision's, from the torch hub cache or downloaded), 'random' (only "
+                   f"the seed is stored) or a path to a VGG16 state dict; default {default}")
+    p.add_argument("--seed", type=int, default=0, help="seed for --weights random; default 0")
+    p.add_argument("--name", default="unioncam", help="model name (the .mar is NAME.mar); default unioncam")
+    p.add_argument("--model-store", default="model_store", help="where the .mar goes; default ./model_store")
+    p.add_argument("--image-size", type=int, default=224, help="images are resized to SIZE×SIZE; default 224")
+    p.add_argument("--method", default="unioncam", choices=METHODS, help="default method; default unioncam")
+    p.add_argument("--theta", type=float, default=10.0, help="default θ; default 10")
+    p.add_argument("--layer", default=None, help="explained layer; default features.29")
+    p.add_argument("--batch-size", type=int, default=64, help="masked inputs per forward; default 64")
+    p.add_argument("--max-batch-size", type=int, default=4, help="requests per handler call; default 4")
+    p.add_argument("--max-batch-delay", type=int, default=50, help="ms TorchServe waits to fill a batch; default 50")
+    p.add_argument("--response-timeout", type=int, default=600, help="seconds per batch; default 600")
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``archive`` and ``serve``."""
+    ar = subparsers.add_parser("archive", help="build the TorchServe archive model_store/NAME.mar",
+                               description="Build NAME.mar with the handler, the unioncam package, "
+                               "index_to_name.json, model-config.yaml and the weights.")
+    _add_archive_options(ar, "imagenet")
+    ar.set_defaults(func=_cmd_archive)
+    sv = subparsers.add_parser("serve", help="build the archive if needed and run TorchServe in the foreground",
+                               description="Build model_store/NAME.mar if missing or built with other "
+                               "settings, and run TorchServe with "
+                               "its temp, log, metric and pid files under runs/RUN_NAME/. Ctrl-C stops it.")
+    _add_archive_options(sv, None)
+    sv.add_argument("--config", default=str(ROOT / "config.properties") if (ROOT / "config.properties").exists()
+                    else None, help="config.properties to use; default the repository's")
+    sv.add_argument("--runs", default="runs", help="parent of run folders; default ./runs")
+    sv.add_argument("--run-name", default=None, help="run folder name; default the start time")
+    sv.add_argument("--rebuild", action="store_true",
+                    help="rebuild the archive even if present with the same settings (e.g. a changed engine)")
+    sv.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for the model")
+    sv.set_defaults(func=_cmd_serve)
