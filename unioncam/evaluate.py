@@ -216,6 +216,8 @@ def evaluate(
     if isinstance(size, bool) or not isinstance(size, int) or size < 8:
         raise InvalidInputError("size", f"{size!r}", "an integer ≥ 8")
     pps = pixels_per_step or size
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise InvalidInputError("chunk", f"{chunk!r}", "an integer ≥ 1")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     items, classes = find_images(folder, targets)
@@ -296,7 +298,8 @@ def evaluate(
     rows = [r for r in _read_jsonl(rows_path) if r["image"] in keys and r["method"] in methods]
     summary = summarize(rows, methods)
     summary["settings"] = {**config, "images_found": n_found, "images": len(items), "limit": limit, "seed": seed,
-                           "methods": methods, "classes": classes, "device": str(next(iter(model.parameters())).device)}
+                           "methods": methods, "classes": classes, "chunk": chunk,
+                           "device": str(next(iter(model.parameters())).device)}
     write_tables(summary, out)
     return summary
 
@@ -332,6 +335,8 @@ def _fmt(entry: dict[str, Any], key: str) -> str:
         return "–"
     digits = 2 if key in ("average_drop", "average_increase") else (3 if key == "seconds" else 4)
     se = entry[key + "_se"]
+    if key == "seconds":  # one time per chunk of images, shared by them: a standard error would mislead
+        return f"{entry[key]:.{digits}f}"
     return f"{entry[key]:.{digits}f}" + ("" if math.isnan(se) else f" ± {se:.{digits}f}")
 
 
@@ -352,7 +357,8 @@ def write_tables(summary: dict[str, Any], out: Path) -> None:
     s = summary.get("settings", {})
     note = (f"\nmean ± standard error over n images; model {s.get('model')} ({s.get('weights') or 'default weights'}), "
             f"{s.get('size')}×{s.get('size')}, θ = {s.get('theta')}, {s.get('pixels_per_step')} pixels per "
-            f"insertion/deletion step, targets: {s.get('targets')}, device {s.get('device')}.\n")
+            f"insertion/deletion step, targets: {s.get('targets')}, device {s.get('device')}; s / image: "
+            f"explanation only (not the metrics), images explained {s.get('chunk')} at a time.\n")
     (out / "results.md").write_text("\n".join(lines) + "\n" + note)
 
 
