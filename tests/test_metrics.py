@@ -91,6 +91,18 @@ def test_average_drop_and_increase_with_a_contrast_model():
     assert average_increase(m, x, maps, [0, 0, 0]) == pytest.approx(100 / 3)
 
 
+def test_average_drop_of_a_zero_score_is_zero_not_nan():
+    m = ObjectShare()
+    black = torch.zeros(1, 3, 4, 4)  # q clamps to 1e-7; class 0 of a black image: y ≈ 0, o ≈ 0
+    assert average_drop(m, black, PERFECT[None], [0]) == pytest.approx(0.0, abs=1e-6)
+
+    class Certain(nn.Module):
+        def forward(self, z):
+            return torch.tensor([[0.0, 1000.0]]).expand(z.shape[0], 2)  # f_0 underflows to exactly 0
+
+    assert average_drop(Certain(), WHITE, PERFECT[None], [0]) == 0.0
+
+
 def test_targets_default_to_the_predicted_class():
     m = ObjectMinusBackground()
     # Class 1 explained: the inverted map raises logit_1 − logit_0 → increase for class 1 only.

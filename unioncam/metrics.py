@@ -135,10 +135,12 @@ def average_drop(model: nn.Module, images: Any, saliencies: Any, targets: Any = 
     """Average Drop in percent: ``100/N · Σ max(0, y_c − o_c) / y_c`` (lower is better).
 
     ``y_c = f_c(x)``, ``o_c = f_c(x ⊙ map)`` (the map multiplies the pixels, so it should lie in
-    ``[0, 1]``). Per image: ``100 · max(0, y_c − o_c) / y_c``.
+    ``[0, 1]``). Per image: ``100 · max(0, y_c − o_c) / y_c``; 0 where ``y_c`` underflows to 0 in float32
+    (nothing can drop).
     """
     y, o = _y_o(model, images, saliencies, targets, batch_size)
-    return _reduce(100.0 * (y - o).clamp_min(0) / y, per_image)
+    drop = torch.where(y > 0, (y - o).clamp_min(0) / torch.where(y > 0, y, 1), 0)
+    return _reduce(100.0 * drop, per_image)
 
 
 def average_increase(model: nn.Module, images: Any, saliencies: Any, targets: Any = None, batch_size: int = 64,

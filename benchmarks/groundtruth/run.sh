@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Regenerate the ground-truth benchmark table and figure (CPU, one thread; ≈ 30–40 min on a busy 2-core machine).
-#   benchmarks/groundtruth/run.sh [N]     # N held-out images, default 400
+#   benchmarks/groundtruth/run.sh [N]     # N held-out images, default 300
 # Resumable: rerun after an interruption and it continues where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python}
-N=${1:-400}
+N=${1:-300}
 export PYTHONPATH=$PWD OMP_NUM_THREADS=1
 DATA=data/shapes-heldout
 [ -d "$DATA/images" ] || $PY benchmarks/groundtruth/make_data.py "$DATA" --seed 1 --n "$N" --size 64
