@@ -51,7 +51,7 @@ METRICS: dict[str, tuple[str, str]] = {
 
 @dataclass
 class Item:
-    """One image to score: its path relative to the folder, its target and (optionally) its region."""
+    """One image to score: its key (path relative to the folder), its path and its target (None: predicted)."""
 
     key: str
     path: Path
