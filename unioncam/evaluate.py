@@ -355,11 +355,12 @@ def write_tables(summary: dict[str, Any], out: Path) -> None:
     for e in table:
         lines.append(f"| {e['method']} | {e['n']} | " + " | ".join(_fmt(e, k) for k in keys) + " |")
     s = summary.get("settings", {})
-    note = (f"\nmean ± standard error over n images; model {s.get('model')} ({s.get('weights') or 'default weights'}), "
-            f"{s.get('size')}×{s.get('size')}, θ = {s.get('theta')}, {s.get('pixels_per_step')} pixels per "
-            f"insertion/deletion step, targets: {s.get('targets')}, device {s.get('device')}; s / image: "
-            f"explanation only (not the metrics), images explained {s.get('chunk')} at a time.\n")
-    (out / "results.md").write_text("\n".join(lines) + "\n" + note)
+    note = s.get("note") or (
+        f"mean ± standard error over n images; model {s.get('model')} ({s.get('weights') or 'default weights'}), "
+        f"{s.get('size')}×{s.get('size')}, θ = {s.get('theta')}, {s.get('pixels_per_step')} pixels per "
+        f"insertion/deletion step, targets: {s.get('targets')}, device {s.get('device')}; s / image: "
+        f"explanation only (not the metrics), images explained {s.get('chunk')} at a time.")
+    (out / "results.md").write_text("\n".join(lines) + "\n\n" + note + "\n")
 
 
 # ----------------------------------------------------------------------------------------------- CLI

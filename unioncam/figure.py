@@ -14,7 +14,7 @@ __all__ = ["add_parser", "figure_grid"]
 
 def figure_grid(model: nn.Module, images: list[torch.Tensor], methods: list[str], out: str | Path,
                 targets: list[int | None] | None = None, masks: list[torch.Tensor | None] | None = None,
-                theta: float = 10.0, layer: str | None = None, batch_size: int = 64, cell: float = 1.6,
+                theta: float = 10.0, layer: str | None = None, batch_size: int = 64, cell: float = 1.6, dpi: int = 80,
                 row_labels: list[str] | None = None) -> Path:
     """Explain every image with every method and save a grid: one row per image, the input then a column
     per method. Object masks, when given, are outlined on the input. Returns the PNG's path."""
@@ -53,7 +53,7 @@ def figure_grid(model: nn.Module, images: list[torch.Tensor], methods: list[str]
     fig.tight_layout(pad=0.3)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=dpi)
     plt.close(fig)
     return out
 

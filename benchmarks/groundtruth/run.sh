@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerate the ground-truth benchmark table and figure (CPU, one thread; ≈ 30–40 min on a busy 2-core machine).
+# Regenerate the ground-truth benchmark table, its reference rows and the figure (CPU, one thread; ≈ 15–20 min on a busy 2-core machine).
 #   benchmarks/groundtruth/run.sh [N]     # N held-out images, default 300
 # Resumable: rerun after an interruption and it continues where it stopped.
 set -euo pipefail
@@ -13,3 +13,4 @@ $PY -m unioncam evaluate "$DATA/images" --model shapes --method all --size 64 --
     --masks "$DATA/masks" --chunk 16 --out benchmarks/results/groundtruth
 $PY -m unioncam figure --shapes 6 --shapes-seed 1 --size 64 --model shapes --method all \
     --out benchmarks/results/groundtruth/figure.png
+$PY benchmarks/groundtruth/reference_rows.py "$N"
