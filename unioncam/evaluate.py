@@ -232,7 +232,7 @@ def evaluate(
         if p is not None and not p.is_dir():
             raise InvalidInputError(name, f"{str(p)!r} is not a directory", "a folder")
 
-    config = {"folder": str(Path(folder).resolve()), "model": model_name, "weights": weights,
+    config = {"folder": str(folder), "model": model_name, "weights": weights,
               "seed_weights": seed_weights, "size": size, "theta": theta, "layer": layer,
               "pixels_per_step": pps, "targets": "folders" if classes else "predicted",
               "annotations": str(ann) if ann else None, "masks": str(msk) if msk else None}
