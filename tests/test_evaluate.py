@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import make_tiny_cnn
+
 from unioncam import InvalidInputError
 from unioncam import evaluate as ev
 from unioncam.cli import main
@@ -33,8 +33,17 @@ def test_write_folder_layout(shapes_folder):
 
 def test_evaluate_end_to_end_and_resume(shapes_folder, tmp_path):
     model = make_tiny_cnn(classes=len(SHAPE_CLASSES))
-    kw = dict(methods=["gradcam", "unioncam"], model=model, model_name="tiny", size=32, limit=4, seed=1,
-              pixels_per_step=64, masks=shapes_folder / "masks", progress=False)
+    kw = {
+        "methods": ["gradcam", "unioncam"],
+        "model": model,
+        "model_name": "tiny",
+        "size": 32,
+        "limit": 4,
+        "seed": 1,
+        "pixels_per_step": 64,
+        "masks": shapes_folder / "masks",
+        "progress": False,
+    }
     summary = ev.evaluate(shapes_folder / "images", tmp_path, **kw)
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and {r["method"] for r in rows} == {"gradcam", "unioncam"}
@@ -71,10 +80,29 @@ def test_evaluate_end_to_end_and_resume(shapes_folder, tmp_path):
 
 def test_cli_with_a_model_factory(shapes_folder, tmp_path, capsys):
     # Any pixel-space classifier through module:factory; boxes from VOC annotations; predicted targets.
-    rc = main(["evaluate", str(shapes_folder / "images"), "--model", "unioncam.groundtruth:ShapesCNN",
-               "--method", "gradcam,layercam", "--size", "32", "--limit", "2", "--pixels-per-step", "128",
-               "--targets", "predicted", "--annotations", str(shapes_folder / "annotations"),
-               "--out", str(tmp_path), "-q"])
+    rc = main(
+        [
+            "evaluate",
+            str(shapes_folder / "images"),
+            "--model",
+            "unioncam.groundtruth:ShapesCNN",
+            "--method",
+            "gradcam,layercam",
+            "--size",
+            "32",
+            "--limit",
+            "2",
+            "--pixels-per-step",
+            "128",
+            "--targets",
+            "predicted",
+            "--annotations",
+            str(shapes_folder / "annotations"),
+            "--out",
+            str(tmp_path),
+            "-q",
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "| layercam | 2 |" in out and "Pointing game" in out

@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
+from conftest import make_tiny_cnn
 from PIL import Image
 
-from conftest import make_tiny_cnn
 from unioncam.cli import main
 from unioncam.figure import figure_grid
 from unioncam.groundtruth import DEFAULT_WEIGHTS, SHAPE_CLASSES, ShapesCNN, load_shapes_cnn, make_dataset
@@ -27,7 +27,7 @@ def test_committed_weights_reach_their_recorded_accuracy():
     model = load_shapes_cnn()
     x, y, _ = make_dataset(seed=info["heldout"]["seed"], n=info["heldout"]["n"])
     with torch.no_grad():
-        pred = torch.cat([model(x[i:i + 250]).argmax(1) for i in range(0, len(x), 250)])
+        pred = torch.cat([model(x[i : i + 250]).argmax(1) for i in range(0, len(x), 250)])
     assert float((pred == y).float().mean()) == pytest.approx(info["heldout_accuracy"], abs=2e-3)
     assert info["heldout_accuracy"] > 0.8  # well above the 20 % of chance
 
@@ -37,14 +37,32 @@ def test_figure_grid(tmp_path):
     images = [torch.rand(3, 24, 24) for _ in range(2)]
     mask = torch.zeros(24, 24, dtype=torch.bool)
     mask[4:12, 4:12] = True
-    path = figure_grid(make_tiny_cnn(), images, ["gradcam", "layercam"], tmp_path / "f.png", masks=[mask, None])
+    path = figure_grid(
+        make_tiny_cnn(), images, ["gradcam", "layercam"], tmp_path / "f.png", masks=[mask, None]
+    )
     w, h = Image.open(path).size
     assert w > h > 0  # 3 columns × 2 rows
 
 
 def test_figure_cli_with_shapes(tmp_path, capsys):
     out = tmp_path / "grid.png"
-    assert main(["figure", "--shapes", "2", "--size", "32", "--model", "unioncam.groundtruth:ShapesCNN",
-                 "--method", "gradcam,xgradcam", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "figure",
+                "--shapes",
+                "2",
+                "--size",
+                "32",
+                "--model",
+                "unioncam.groundtruth:ShapesCNN",
+                "--method",
+                "gradcam,xgradcam",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert Image.open(out).format == "PNG"
     assert main(["figure", "--model", "unioncam.groundtruth:ShapesCNN", "--out", str(out)]) == 2  # no images

@@ -70,11 +70,13 @@ def test_average_drop_by_hand():
     assert average_drop(m, WHITE, PERFECT[None], [0]) == pytest.approx(0.0, abs=1e-4)
     assert average_drop(m, WHITE, INVERTED[None], [0]) == pytest.approx(100.0, abs=1e-4)
     assert average_drop(m, WHITE, UNIFORM[None], [0]) == pytest.approx(50.0, abs=1e-4)
-    both = average_drop(m, WHITE.expand(3, -1, -1, -1), torch.stack([PERFECT, INVERTED, UNIFORM]), [0, 0, 0],
-                        per_image=True)
+    both = average_drop(
+        m, WHITE.expand(3, -1, -1, -1), torch.stack([PERFECT, INVERTED, UNIFORM]), [0, 0, 0], per_image=True
+    )
     assert torch.allclose(both, torch.tensor([0.0, 100.0, 50.0]), atol=1e-4)
-    assert average_drop(m, WHITE.expand(3, -1, -1, -1), torch.stack([PERFECT, INVERTED, UNIFORM]), [0, 0, 0]) \
-        == pytest.approx(50.0, abs=1e-4)
+    assert average_drop(
+        m, WHITE.expand(3, -1, -1, -1), torch.stack([PERFECT, INVERTED, UNIFORM]), [0, 0, 0]
+    ) == pytest.approx(50.0, abs=1e-4)
 
 
 def test_average_drop_and_increase_with_a_contrast_model():
@@ -116,19 +118,31 @@ def test_targets_default_to_the_predicted_class():
 
 def test_deletion_curve_and_auc_by_hand():
     m = ObjectShare()
-    curves = insertion_deletion_curves(m, WHITE.expand(3, -1, -1, -1), torch.stack([PERFECT, INVERTED, UNIFORM]),
-                                       [0, 0, 0], "deletion", pixels_per_step=1)
+    curves = insertion_deletion_curves(
+        m,
+        WHITE.expand(3, -1, -1, -1),
+        torch.stack([PERFECT, INVERTED, UNIFORM]),
+        [0, 0, 0],
+        "deletion",
+        pixels_per_step=1,
+    )
     assert curves.shape == (3, 17)
     # perfect: the 4 object pixels go first.
-    assert torch.allclose(curves[0, :6], torch.tensor([1, .75, .5, .25, 0, 0]), atol=1e-5)
+    assert torch.allclose(curves[0, :6], torch.tensor([1, 0.75, 0.5, 0.25, 0, 0]), atol=1e-5)
     # uniform: ties in row-major order → pixels 0, 1 (object), 2, 3 (not), 4, 5 (object).
-    assert torch.allclose(curves[2, :7], torch.tensor([1, .75, .5, .5, .5, .25, 0]), atol=1e-5)
-    aucs = deletion_auc(m, WHITE.expand(3, -1, -1, -1), torch.stack([PERFECT, INVERTED, UNIFORM]), [0, 0, 0],
-                        pixels_per_step=1, per_image=True)
+    assert torch.allclose(curves[2, :7], torch.tensor([1, 0.75, 0.5, 0.5, 0.5, 0.25, 0]), atol=1e-5)
+    aucs = deletion_auc(
+        m,
+        WHITE.expand(3, -1, -1, -1),
+        torch.stack([PERFECT, INVERTED, UNIFORM]),
+        [0, 0, 0],
+        pixels_per_step=1,
+        per_image=True,
+    )
     # trapezoid over 16 steps: (Σ points − (first + last)/2) / 16
-    perfect = (1 + .75 + .5 + .25 - 0.5) / 16  # 0.125
-    inverted = (13 * 1 + .75 + .5 + .25 - 0.5) / 16  # 12 background pixels first: 0.875
-    uniform = (1 + .75 + .5 + .5 + .5 + .25 - 0.5) / 16  # 0.1875
+    perfect = (1 + 0.75 + 0.5 + 0.25 - 0.5) / 16  # 0.125
+    inverted = (13 * 1 + 0.75 + 0.5 + 0.25 - 0.5) / 16  # 12 background pixels first: 0.875
+    uniform = (1 + 0.75 + 0.5 + 0.5 + 0.5 + 0.25 - 0.5) / 16  # 0.1875
     assert torch.allclose(aucs, torch.tensor([perfect, inverted, uniform]), atol=1e-5)
 
 
@@ -138,17 +152,24 @@ def test_deletion_with_several_pixels_per_step():
     assert deletion_auc(m, WHITE, PERFECT[None], [0], pixels_per_step=4) == pytest.approx(0.125, abs=1e-5)
     # 3 pixels per step → ⌈16/3⌉ = 6 steps; last step changes the remaining single pixel.
     curve = insertion_deletion_curves(m, WHITE, PERFECT[None], [0], "deletion", pixels_per_step=3)[0]
-    assert torch.allclose(curve, torch.tensor([1, .25, 0, 0, 0, 0, 0]), atol=1e-5)
+    assert torch.allclose(curve, torch.tensor([1, 0.25, 0, 0, 0, 0, 0]), atol=1e-5)
 
 
 def test_insertion_by_hand_from_black():
     m = ObjectShare()
-    black = lambda x: torch.zeros_like(x)  # noqa: E731 - a start image whose numbers are known
-    aucs = insertion_auc(m, WHITE.expand(3, -1, -1, -1), torch.stack([PERFECT, INVERTED, UNIFORM]), [0, 0, 0],
-                         pixels_per_step=1, per_image=True, start=black)
-    perfect = (0 + .25 + .5 + .75 + 12 * 1 + 1 - 0.5) / 16  # 0.875
-    inverted = (13 * 0 + .25 + .5 + .75 + 1 - 0.5) / 16  # 0.125
-    uniform = (0 + .25 + .5 + .5 + .5 + .75 + 10 * 1 + 1 - 0.5) / 16  # 0.8125
+    black = lambda x: torch.zeros_like(x)
+    aucs = insertion_auc(
+        m,
+        WHITE.expand(3, -1, -1, -1),
+        torch.stack([PERFECT, INVERTED, UNIFORM]),
+        [0, 0, 0],
+        pixels_per_step=1,
+        per_image=True,
+        start=black,
+    )
+    perfect = (0 + 0.25 + 0.5 + 0.75 + 12 * 1 + 1 - 0.5) / 16  # 0.875
+    inverted = (13 * 0 + 0.25 + 0.5 + 0.75 + 1 - 0.5) / 16  # 0.125
+    uniform = (0 + 0.25 + 0.5 + 0.5 + 0.5 + 0.75 + 10 * 1 + 1 - 0.5) / 16  # 0.8125
     assert torch.allclose(aucs, torch.tensor([perfect, inverted, uniform]), atol=1e-5)
 
 

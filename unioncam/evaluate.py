@@ -33,7 +33,7 @@ from torch import nn
 
 from .errors import InvalidInputError
 
-__all__ = ["add_parser", "evaluate", "find_images", "load_model", "summarize", "METRICS"]
+__all__ = ["METRICS", "add_parser", "evaluate", "find_images", "load_model", "summarize"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -73,15 +73,20 @@ def find_images(folder: str | Path, targets: str = "auto") -> tuple[list[Item], 
         raise InvalidInputError("folder", f"{str(folder)!r} is not a directory", "a folder of images")
     paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not paths:
-        raise InvalidInputError("folder", f"{str(folder)!r} holds no images", f"files ending in {', '.join(IMAGE_EXTENSIONS)}")
+        raise InvalidInputError(
+            "folder", f"{str(folder)!r} holds no images", f"files ending in {', '.join(IMAGE_EXTENSIONS)}"
+        )
     depth_one = all(len(p.relative_to(root).parts) == 2 for p in paths)
     classes = sorted({p.parent.name for p in paths}) if depth_one else None
     if targets == "auto":
         targets = "folders" if classes is not None and len(classes) >= 2 else "predicted"
     if targets == "folders":
         if classes is None:
-            raise InvalidInputError("targets", "'folders' asked for, but not every image is in a class sub-folder",
-                                    "FOLDER/<class>/<image>, or --targets predicted")
+            raise InvalidInputError(
+                "targets",
+                "'folders' asked for, but not every image is in a class sub-folder",
+                "FOLDER/<class>/<image>, or --targets predicted",
+            )
         index = {c: i for i, c in enumerate(classes)}
         return [Item(str(p.relative_to(root)), p, index[p.parent.name]) for p in paths], classes
     if targets != "predicted":
@@ -94,33 +99,44 @@ def _voc_boxes(path: Path, size: int, orig: tuple[int, int]) -> list[tuple[float
     try:
         root = ET.parse(path).getroot()
     except (ET.ParseError, OSError) as exc:
-        raise InvalidInputError(f"annotation {str(path)!r}", f"cannot be read ({exc})", "Pascal VOC XML") from exc
+        raise InvalidInputError(
+            f"annotation {str(path)!r}", f"cannot be read ({exc})", "Pascal VOC XML"
+        ) from exc
     sx, sy = size / orig[0], size / orig[1]
     boxes = []
     for bb in root.iter("bndbox"):
         try:
             xmin, ymin, xmax, ymax = (float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
         except (TypeError, ValueError) as exc:
-            raise InvalidInputError(f"annotation {str(path)!r}", "has a bndbox without numeric xmin/ymin/xmax/ymax",
-                                    "Pascal VOC XML") from exc
+            raise InvalidInputError(
+                f"annotation {str(path)!r}",
+                "has a bndbox without numeric xmin/ymin/xmax/ymax",
+                "Pascal VOC XML",
+            ) from exc
         boxes.append(((xmin - 1) * sx, (ymin - 1) * sy, xmax * sx, ymax * sy))
     if not boxes:
         raise InvalidInputError(f"annotation {str(path)!r}", "has no <bndbox>", "Pascal VOC XML with objects")
     return boxes
 
 
-def _region(item: Item, size: int, orig: tuple[int, int], annotations: Path | None, masks: Path | None) -> Any:
+def _region(
+    item: Item, size: int, orig: tuple[int, int], annotations: Path | None, masks: Path | None
+) -> Any:
     stem = Path(item.key).stem
     if masks is not None:
         p = masks / f"{stem}.png"
         if not p.is_file():
-            raise InvalidInputError("masks", f"no mask {str(p)!r} for image {item.key!r}", "DIR/<image stem>.png")
+            raise InvalidInputError(
+                "masks", f"no mask {str(p)!r} for image {item.key!r}", "DIR/<image stem>.png"
+            )
         m = Image.open(p).convert("L").resize((size, size), Image.Resampling.NEAREST)
         return torch.frombuffer(bytearray(m.tobytes()), dtype=torch.uint8).view(size, size) > 0
     if annotations is not None:
         p = annotations / f"{stem}.xml"
         if not p.is_file():
-            raise InvalidInputError("annotations", f"no annotation {str(p)!r} for image {item.key!r}", "DIR/<image stem>.xml")
+            raise InvalidInputError(
+                "annotations", f"no annotation {str(p)!r} for image {item.key!r}", "DIR/<image stem>.xml"
+            )
         return _voc_boxes(p, size, orig)
     return None
 
@@ -145,10 +161,14 @@ def load_model(name: str, weights: str | None = None, seed: int = 0, device: str
         try:
             factory = getattr(importlib.import_module(mod), attr)
         except (ImportError, AttributeError) as exc:
-            raise InvalidInputError("model", f"{name!r} cannot be imported ({exc})", "vgg16, shapes or module:factory") from exc
+            raise InvalidInputError(
+                "model", f"{name!r} cannot be imported ({exc})", "vgg16, shapes or module:factory"
+            ) from exc
         model = factory()
         if not isinstance(model, nn.Module):
-            raise InvalidInputError("model", f"{name!r} returned a {type(model).__name__}", "a torch.nn.Module")
+            raise InvalidInputError(
+                "model", f"{name!r} returned a {type(model).__name__}", "a torch.nn.Module"
+            )
         model.eval().requires_grad_(False)
         return model.to(device) if device is not None else model
     raise InvalidInputError("model", f"{name!r}", "vgg16, shapes or package.module:factory")
@@ -170,8 +190,19 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def _run_key(args: dict[str, Any]) -> dict[str, Any]:
     # Settings that change the numbers: a rerun with different ones must not mix its rows with these.
-    keys = ("folder", "model", "weights", "seed_weights", "size", "theta", "layer", "pixels_per_step", "targets",
-            "annotations", "masks")
+    keys = (
+        "folder",
+        "model",
+        "weights",
+        "seed_weights",
+        "size",
+        "theta",
+        "layer",
+        "pixels_per_step",
+        "targets",
+        "annotations",
+        "masks",
+    )
     return {k: args.get(k) for k in keys}
 
 
@@ -232,29 +263,46 @@ def evaluate(
         if p is not None and not p.is_dir():
             raise InvalidInputError(name, f"{str(p)!r} is not a directory", "a folder")
 
-    config = {"folder": str(folder), "model": model_name, "weights": weights,
-              "seed_weights": seed_weights, "size": size, "theta": theta, "layer": layer,
-              "pixels_per_step": pps, "targets": "folders" if classes else "predicted",
-              "annotations": str(ann) if ann else None, "masks": str(msk) if msk else None}
+    config = {
+        "folder": str(folder),
+        "model": model_name,
+        "weights": weights,
+        "seed_weights": seed_weights,
+        "size": size,
+        "theta": theta,
+        "layer": layer,
+        "pixels_per_step": pps,
+        "targets": "folders" if classes else "predicted",
+        "annotations": str(ann) if ann else None,
+        "masks": str(msk) if msk else None,
+    }
     cfg_path, rows_path = out / "config.json", out / "results.jsonl"
     if cfg_path.is_file() and rows_path.is_file():
         old = json.loads(cfg_path.read_text())
         if _run_key(old) != _run_key(config):
             diff = {k: (old.get(k), config[k]) for k in _run_key(config) if old.get(k) != config[k]}
-            raise InvalidInputError("out", f"{str(out)!r} holds results of other settings {diff}",
-                                    "the same settings to resume, or a new --out folder")
+            raise InvalidInputError(
+                "out",
+                f"{str(out)!r} holds results of other settings {diff}",
+                "the same settings to resume, or a new --out folder",
+            )
     cfg_path.write_text(json.dumps(config, indent=2) + "\n")
 
     if model is None:
         model = load_model(model_name, weights, seed_weights, device)
     done = {(r["image"], r["method"]) for r in _read_jsonl(rows_path)}
     todo = [(it, m) for it in items for m in methods if (it.key, m) not in done]
-    bar = tqdm(total=len(items) * len(methods), initial=len(items) * len(methods) - len(todo), unit="map",
-               desc="evaluate", disable=not progress)
+    bar = tqdm(
+        total=len(items) * len(methods),
+        initial=len(items) * len(methods) - len(todo),
+        unit="map",
+        desc="evaluate",
+        disable=not progress,
+    )
     pending_items = [it for it in items if any((it.key, m) not in done for m in methods)]
     with rows_path.open("a") as sink:
         for c in range(0, len(pending_items), chunk):
-            group = pending_items[c:c + chunk]
+            group = pending_items[c : c + chunk]
             pixels, regions = [], []
             for it in group:
                 pil = decode_image(it.path.read_bytes(), field=f"image {it.key!r}")
@@ -266,8 +314,15 @@ def evaluate(
                 if not idx:
                     continue
                 start = time.perf_counter()
-                res = explain_batch(model, [x[i] for i in idx], [group[i].target for i in idx], method=method,
-                                    theta=theta, layer=layer, batch_size=batch_size)
+                res = explain_batch(
+                    model,
+                    [x[i] for i in idx],
+                    [group[i].target for i in idx],
+                    method=method,
+                    theta=theta,
+                    layer=layer,
+                    batch_size=batch_size,
+                )
                 seconds = (time.perf_counter() - start) / len(idx)
                 xs, sal = x[idx], torch.stack([r.saliency for r in res])
                 tg = [r.target for r in res]
@@ -283,8 +338,14 @@ def evaluate(
                     pg = M.pointing_game(sal[have_region], reg, per_image=True)
                     epg = M.energy_pointing_game(sal[have_region], reg, per_image=True)
                 for j, (i, r) in enumerate(zip(idx, res)):
-                    row = {"image": group[i].key, "method": method, "target": r.target, "score": r.score,
-                           "seconds": seconds, **{k: float(v[j]) for k, v in vals.items()}}
+                    row = {
+                        "image": group[i].key,
+                        "method": method,
+                        "target": r.target,
+                        "score": r.score,
+                        "seconds": seconds,
+                        **{k: float(v[j]) for k, v in vals.items()},
+                    }
                     if j in have_region:
                         row["pointing_game"] = float(pg[have_region.index(j)])
                         row["energy_pointing_game"] = float(epg[have_region.index(j)])
@@ -297,9 +358,17 @@ def evaluate(
     keys = {it.key for it in items}
     rows = [r for r in _read_jsonl(rows_path) if r["image"] in keys and r["method"] in methods]
     summary = summarize(rows, methods)
-    summary["settings"] = {**config, "images_found": n_found, "images": len(items), "limit": limit, "seed": seed,
-                           "methods": methods, "classes": classes, "chunk": chunk,
-                           "device": str(next(iter(model.parameters())).device)}
+    summary["settings"] = {
+        **config,
+        "images_found": n_found,
+        "images": len(items),
+        "limit": limit,
+        "seed": seed,
+        "methods": methods,
+        "classes": classes,
+        "chunk": chunk,
+        "device": str(next(iter(model.parameters())).device),
+    }
     write_tables(summary, out)
     return summary
 
@@ -349,7 +418,9 @@ def write_tables(summary: dict[str, Any], out: Path) -> None:
         w = csv.writer(f)
         w.writerow(["method", "n"] + [c for k in keys for c in (k, k + "_se")])
         for e in table:
-            w.writerow([e["method"], e["n"]] + [c for k in keys for c in (e.get(k, ""), e.get(k + "_se", ""))])
+            w.writerow(
+                [e["method"], e["n"]] + [c for k in keys for c in (e.get(k, ""), e.get(k + "_se", ""))]
+            )
     head = "| method | n | " + " | ".join(f"{METRICS[k][0]} {METRICS[k][1]}".strip() for k in keys) + " |"
     lines = [head, "|" + "---|" * (len(keys) + 2)]
     for e in table:
@@ -359,7 +430,8 @@ def write_tables(summary: dict[str, Any], out: Path) -> None:
         f"mean ± standard error over n images; model {s.get('model')} ({s.get('weights') or 'default weights'}), "
         f"{s.get('size')}×{s.get('size')}, θ = {s.get('theta')}, {s.get('pixels_per_step')} pixels per "
         f"insertion/deletion step, targets: {s.get('targets')}, device {s.get('device')}; s / image: "
-        f"explanation only (not the metrics), images explained {s.get('chunk')} at a time.")
+        f"explanation only (not the metrics), images explained {s.get('chunk')} at a time."
+    )
     (out / "results.md").write_text("\n".join(lines) + "\n\n" + note + "\n")
 
 
@@ -368,10 +440,26 @@ def write_tables(summary: dict[str, Any], out: Path) -> None:
 
 def _cmd(args: argparse.Namespace) -> int:
     summary = evaluate(
-        args.folder, args.out, args.method, model_name=args.model, weights=args.weights, seed_weights=args.weights_seed,
-        size=args.size, limit=args.limit, seed=args.seed, theta=args.theta, layer=args.layer,
-        pixels_per_step=args.pixels_per_step, targets=args.targets, annotations=args.annotations, masks=args.masks,
-        batch_size=args.batch_size, chunk=args.chunk, device=args.device, progress=not args.quiet)
+        args.folder,
+        args.out,
+        args.method,
+        model_name=args.model,
+        weights=args.weights,
+        seed_weights=args.weights_seed,
+        size=args.size,
+        limit=args.limit,
+        seed=args.seed,
+        theta=args.theta,
+        layer=args.layer,
+        pixels_per_step=args.pixels_per_step,
+        targets=args.targets,
+        annotations=args.annotations,
+        masks=args.masks,
+        batch_size=args.batch_size,
+        chunk=args.chunk,
+        device=args.device,
+        progress=not args.quiet,
+    )
     print((Path(args.out) / "results.md").read_text(), end="")
     return 0 if summary["table"] else 1
 
@@ -387,23 +475,41 @@ def add_parser(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("folder", help="image folder (class sub-folders give the targets)")
-    p.add_argument("--method", type=_parse_methods, default=["unioncam", "gradcam"],
-                   help="comma-separated methods or 'all'; default unioncam,gradcam")
-    p.add_argument("--model", default="vgg16", help="vgg16 (default), shapes (the ground-truth benchmark's CNN) "
-                   "or package.module:factory")
-    p.add_argument("--weights", default=None, help="vgg16: imagenet (default), random or a path; shapes: a path "
-                   "(default: the committed weights)")
+    p.add_argument(
+        "--method",
+        type=_parse_methods,
+        default=["unioncam", "gradcam"],
+        help="comma-separated methods or 'all'; default unioncam,gradcam",
+    )
+    p.add_argument(
+        "--model",
+        default="vgg16",
+        help="vgg16 (default), shapes (the ground-truth benchmark's CNN) or package.module:factory",
+    )
+    p.add_argument(
+        "--weights",
+        default=None,
+        help="vgg16: imagenet (default), random or a path; shapes: a path (default: the committed weights)",
+    )
     p.add_argument("--weights-seed", type=int, default=0, help="seed of --weights random; default 0")
     p.add_argument("--size", type=int, default=224, help="resize images to SIZE×SIZE; default 224")
     p.add_argument("--limit", type=int, default=None, help="score a random sample of LIMIT images")
     p.add_argument("--seed", type=int, default=0, help="seed of the --limit sample; default 0")
     p.add_argument("--theta", type=_parse_theta, default=10.0, help="UnionCAM θ; default 10")
     p.add_argument("--layer", default=None, help="layer to explain; default the model's default_layer")
-    p.add_argument("--pixels-per-step", type=int, default=None, help="insertion/deletion pixels per step; default SIZE")
-    p.add_argument("--targets", choices=("auto", "folders", "predicted"), default="auto",
-                   help="classes from sub-folders, or the predicted class; default auto")
+    p.add_argument(
+        "--pixels-per-step", type=int, default=None, help="insertion/deletion pixels per step; default SIZE"
+    )
+    p.add_argument(
+        "--targets",
+        choices=("auto", "folders", "predicted"),
+        default="auto",
+        help="classes from sub-folders, or the predicted class; default auto",
+    )
     p.add_argument("--annotations", default=None, help="folder of Pascal VOC XML files (<image stem>.xml)")
-    p.add_argument("--masks", default=None, help="folder of object masks (<image stem>.png, non-zero = object)")
+    p.add_argument(
+        "--masks", default=None, help="folder of object masks (<image stem>.png, non-zero = object)"
+    )
     p.add_argument("--batch-size", type=int, default=64, help="inputs per forward pass; default 64")
     p.add_argument("--chunk", type=int, default=8, help="images explained together; default 8")
     p.add_argument("--device", default=None, help="torch device; default cpu")

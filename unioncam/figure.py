@@ -12,10 +12,20 @@ from torch import nn
 __all__ = ["add_parser", "figure_grid"]
 
 
-def figure_grid(model: nn.Module, images: list[torch.Tensor], methods: list[str], out: str | Path,
-                targets: list[int | None] | None = None, masks: list[torch.Tensor | None] | None = None,
-                theta: float = 10.0, layer: str | None = None, batch_size: int = 64, cell: float = 1.6, dpi: int = 80,
-                row_labels: list[str] | None = None) -> Path:
+def figure_grid(
+    model: nn.Module,
+    images: list[torch.Tensor],
+    methods: list[str],
+    out: str | Path,
+    targets: list[int | None] | None = None,
+    masks: list[torch.Tensor | None] | None = None,
+    theta: float = 10.0,
+    layer: str | None = None,
+    batch_size: int = 64,
+    cell: float = 1.6,
+    dpi: int = 80,
+    row_labels: list[str] | None = None,
+) -> Path:
     """Explain every image with every method and save a grid: one row per image, the input then a column
     per method. Object masks, when given, are outlined on the input. Returns the PNG's path."""
     import matplotlib
@@ -28,8 +38,10 @@ def figure_grid(model: nn.Module, images: list[torch.Tensor], methods: list[str]
 
     targets = targets or [None] * len(images)
     cats = getattr(model, "categories", None)
-    maps = {m: explain_batch(model, images, targets, method=m, theta=theta, layer=layer, batch_size=batch_size)
-            for m in methods}
+    maps = {
+        m: explain_batch(model, images, targets, method=m, theta=theta, layer=layer, batch_size=batch_size)
+        for m in methods
+    }
     rows, cols = len(images), len(methods) + 1
     fig, axes = plt.subplots(rows, cols, figsize=(cell * cols, cell * rows), squeeze=False)
     for r, img in enumerate(images):
@@ -80,8 +92,18 @@ def _cmd(args: argparse.Namespace) -> int:
         if not args.images:
             raise FileNotFoundError("figure: give IMAGE files or --shapes N")
         images = [load_image(p, size=args.size) for p in args.images]
-    path = figure_grid(model, images, args.method, args.out, targets, masks, args.theta, args.layer,
-                       args.batch_size, row_labels=labels)
+    path = figure_grid(
+        model,
+        images,
+        args.method,
+        args.out,
+        targets,
+        masks,
+        args.theta,
+        args.layer,
+        args.batch_size,
+        row_labels=labels,
+    )
     print(path)
     return 0
 
@@ -90,10 +112,15 @@ def add_parser(subparsers: Any) -> None:
     """Register ``unioncam figure``."""
     from .cli import _parse_methods, _parse_theta
 
-    p = subparsers.add_parser("figure", help="a PNG grid of overlays: images × methods",
-                              description="Explain each image with each method; one row per image.")
+    p = subparsers.add_parser(
+        "figure",
+        help="a PNG grid of overlays: images × methods",
+        description="Explain each image with each method; one row per image.",
+    )
     p.add_argument("images", nargs="*", metavar="IMAGE", help="image files (or use --shapes)")
-    p.add_argument("--shapes", type=int, default=0, help="use the first N ground-truth benchmark images instead")
+    p.add_argument(
+        "--shapes", type=int, default=0, help="use the first N ground-truth benchmark images instead"
+    )
     p.add_argument("--shapes-seed", type=int, default=1, help="their seed; default 1 (the held-out split)")
     p.add_argument("--method", type=_parse_methods, default="all", help="methods or 'all' (default)")
     p.add_argument("--model", default="vgg16", help="vgg16 (default), shapes or package.module:factory")

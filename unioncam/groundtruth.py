@@ -24,14 +24,14 @@ from torchvision.transforms.functional import pil_to_tensor
 from .models import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
+    "DEFAULT_WEIGHTS",
     "SHAPE_CLASSES",
     "Sample",
-    "make_sample",
-    "make_dataset",
-    "write_folder",
     "ShapesCNN",
     "load_shapes_cnn",
-    "DEFAULT_WEIGHTS",
+    "make_dataset",
+    "make_sample",
+    "write_folder",
 ]
 
 #: Class index → name. The object's outline is the only thing that tells them apart.
@@ -69,8 +69,15 @@ def _contrasting(rng: random.Random, against: tuple[int, int, int]) -> tuple[int
     return tuple(255 - a for a in against)  # type: ignore[return-value]
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: float, angle: float,
-                fill: int | tuple[int, int, int]) -> None:
+def _draw_shape(
+    draw: ImageDraw.ImageDraw,
+    kind: str,
+    cx: float,
+    cy: float,
+    r: float,
+    angle: float,
+    fill: int | tuple[int, int, int],
+) -> None:
     def rot(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
         ca, sa = math.cos(angle), math.sin(angle)
         return [(cx + x * ca - y * sa, cy + x * sa + y * ca) for x, y in points]
@@ -79,17 +86,36 @@ def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: f
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
     elif kind == "ring":
         w = max(2.0, r * 0.35)
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fill, width=int(round(w)))
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fill, width=round(w))
     elif kind == "square":
         s = r * 0.85
         draw.polygon(rot([(-s, -s), (s, -s), (s, s), (-s, s)]), fill=fill)
     elif kind == "triangle":
-        draw.polygon(rot([(r * math.cos(a), r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]),
-                     fill=fill)
+        draw.polygon(
+            rot([(r * math.cos(a), r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]),
+            fill=fill,
+        )
     elif kind == "cross":
         t = r * 0.33
-        draw.polygon(rot([(-t, -r), (t, -r), (t, -t), (r, -t), (r, t), (t, t), (t, r), (-t, r), (-t, t),
-                          (-r, t), (-r, -t), (-t, -t)]), fill=fill)
+        draw.polygon(
+            rot(
+                [
+                    (-t, -r),
+                    (t, -r),
+                    (t, -t),
+                    (r, -t),
+                    (r, t),
+                    (t, t),
+                    (t, r),
+                    (-t, r),
+                    (-t, t),
+                    (-r, t),
+                    (-r, -t),
+                    (-t, -t),
+                ]
+            ),
+            fill=fill,
+        )
     else:  # pragma: no cover - the class list is fixed
         raise ValueError(kind)
 
@@ -113,16 +139,24 @@ def make_sample(seed: int, index: int, size: int = 64) -> Sample:
         if kind < 0.45:
             ln = rng.uniform(size * 0.15, size * 0.5)
             a = rng.uniform(0, 2 * math.pi)
-            draw.line([x0, y0, x0 + ln * math.cos(a), y0 + ln * math.sin(a)], fill=_colour(rng),
-                      width=rng.randint(1, 2))
+            draw.line(
+                [x0, y0, x0 + ln * math.cos(a), y0 + ln * math.sin(a)],
+                fill=_colour(rng),
+                width=rng.randint(1, 2),
+            )
         elif kind < 0.8:
             r = rng.uniform(1.0, 2.5)
             draw.ellipse([x0 - r, y0 - r, x0 + r, y0 + r], fill=_colour(rng))
         else:
             r = rng.uniform(size * 0.08, size * 0.2)
             start = rng.uniform(0, 360)
-            draw.arc([x0 - r, y0 - r, x0 + r, y0 + r], start, start + rng.uniform(60, 160), fill=_colour(rng),
-                     width=1)
+            draw.arc(
+                [x0 - r, y0 - r, x0 + r, y0 + r],
+                start,
+                start + rng.uniform(60, 160),
+                fill=_colour(rng),
+                width=1,
+            )
     # The object, anywhere it fits.
     r = rng.uniform(size * 0.13, size * 0.22)
     cx, cy = rng.uniform(r + 1, size - r - 1), rng.uniform(r + 1, size - r - 1)
@@ -136,19 +170,26 @@ def make_sample(seed: int, index: int, size: int = 64) -> Sample:
     return Sample(image, label, mask)
 
 
-def make_dataset(seed: int, n: int, size: int = 64, start: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def make_dataset(
+    seed: int, n: int, size: int = 64, start: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Images ``[n, 3, H, W]``, labels ``[n]`` and masks ``[n, H, W]`` of indices ``start … start + n − 1``."""
     samples = [make_sample(seed, start + i, size) for i in range(n)]
-    return (torch.stack([s.image for s in samples]), torch.tensor([s.label for s in samples]),
-            torch.stack([s.mask for s in samples]))
+    return (
+        torch.stack([s.image for s in samples]),
+        torch.tensor([s.label for s in samples]),
+        torch.stack([s.mask for s in samples]),
+    )
 
 
 def _voc_xml(name: str, size: int, label: str, box: tuple[int, int, int, int]) -> str:
     x0, y0, x1, y1 = box
     # VOC boxes are 1-based and inclusive.
-    return (f"<annotation><filename>{name}.png</filename><size><width>{size}</width><height>{size}</height>"
-            f"<depth>3</depth></size><object><name>{label}</name><bndbox><xmin>{x0 + 1}</xmin>"
-            f"<ymin>{y0 + 1}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object></annotation>\n")
+    return (
+        f"<annotation><filename>{name}.png</filename><size><width>{size}</width><height>{size}</height>"
+        f"<depth>3</depth></size><object><name>{label}</name><bndbox><xmin>{x0 + 1}</xmin>"
+        f"<ymin>{y0 + 1}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object></annotation>\n"
+    )
 
 
 def write_folder(out: str | os.PathLike, seed: int, n: int, size: int = 64, start: int = 0) -> Path:
@@ -163,7 +204,8 @@ def write_folder(out: str | os.PathLike, seed: int, n: int, size: int = 64, star
         for sub in (out / "images" / cls, out / "masks", out / "annotations"):
             sub.mkdir(parents=True, exist_ok=True)
         Image.fromarray(s.image.mul(255).round().byte().permute(1, 2, 0).numpy(), mode="RGB").save(
-            out / "images" / cls / f"{name}.png")
+            out / "images" / cls / f"{name}.png"
+        )
         Image.fromarray(s.mask.byte().mul(255).numpy(), mode="L").save(out / "masks" / f"{name}.png")
         (out / "annotations" / f"{name}.xml").write_text(_voc_xml(name, size, SHAPE_CLASSES[s.label], s.box))
     return out
@@ -183,13 +225,21 @@ class ShapesCNN(nn.Module):
 
         def block(cin: int, cout: int) -> list[nn.Module]:
             # Batch norm makes training converge in minutes; in eval mode it is a fixed affine map.
-            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+            return [
+                nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+            ]
 
         self.features = nn.Sequential(
-            *block(3, 16), nn.MaxPool2d(2),  # 0-3
-            *block(16, 32), nn.MaxPool2d(2),  # 4-7
-            *block(32, 64), nn.MaxPool2d(2),  # 8-11
-            *block(64, 128), *block(128, 128),  # 12-17: features.17 is the last ReLU
+            *block(3, 16),
+            nn.MaxPool2d(2),  # 0-3
+            *block(16, 32),
+            nn.MaxPool2d(2),  # 4-7
+            *block(32, 64),
+            nn.MaxPool2d(2),  # 8-11
+            *block(64, 128),
+            *block(128, 128),  # 12-17: features.17 is the last ReLU
         )
         self.classifier = nn.Linear(128, num_classes)
         for m in self.features:
@@ -198,21 +248,24 @@ class ShapesCNN(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        self.categories: list[str] = list(SHAPE_CLASSES) if num_classes == len(SHAPE_CLASSES) else [
-            str(i) for i in range(num_classes)
-        ]
+        self.categories: list[str] = (
+            list(SHAPE_CLASSES) if num_classes == len(SHAPE_CLASSES) else [str(i) for i in range(num_classes)]
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.features((x - self.mean) / self.std)
         return self.classifier(a.mean((2, 3)))
 
 
-def load_shapes_cnn(weights: str | os.PathLike | None = None, device: str | torch.device | None = None) -> ShapesCNN:
+def load_shapes_cnn(
+    weights: str | os.PathLike | None = None, device: str | torch.device | None = None
+) -> ShapesCNN:
     """The trained :class:`ShapesCNN` in eval mode (``weights=None`` → the committed file), frozen."""
     path = Path(weights) if weights is not None else DEFAULT_WEIGHTS
     if not path.is_file():
         raise FileNotFoundError(
-            f"weights: {str(path)!r} does not exist (train it with benchmarks/groundtruth/train.py)")
+            f"weights: {str(path)!r} does not exist (train it with benchmarks/groundtruth/train.py)"
+        )
     state = torch.load(path, map_location="cpu", weights_only=True)
     model = ShapesCNN(num_classes=state["classifier.weight"].shape[0])
     model.load_state_dict(state)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,23 +24,23 @@ from torchvision.transforms.functional import gaussian_blur
 from .errors import InvalidInputError
 
 __all__ = [
+    "INSERTION_BLUR",
     "average_drop",
     "average_increase",
-    "insertion_auc",
     "deletion_auc",
+    "energy_pointing_game",
+    "insertion_auc",
     "insertion_deletion_curves",
     "pointing_game",
-    "energy_pointing_game",
     "region_mask",
     "target_scores",
-    "INSERTION_BLUR",
 ]
 
 #: Insertion's starting image: a Gaussian blur with kernel 11 and σ = 5 (Petsiuk et al.'s code), reflect
 #: padding (torchvision's ``gaussian_blur``); the kernel shrinks to fit images smaller than 11 pixels.
 INSERTION_BLUR: tuple[int, float] = (11, 5.0)
 
-Region = Union[torch.Tensor, Sequence[float], Sequence[Sequence[float]]]
+Region = torch.Tensor | Sequence[float] | Sequence[Sequence[float]]
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -62,16 +62,24 @@ def _images(images: Any) -> torch.Tensor:
             x = None
     if x is None or x.dim() != 4 or x.shape[1] != 3 or not x.is_floating_point():
         got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise InvalidInputError("images", f"is {got}", "float [N, 3, H, W] or a list of [3, H, W] of one size, in [0, 1]")
+        raise InvalidInputError(
+            "images", f"is {got}", "float [N, 3, H, W] or a list of [3, H, W] of one size, in [0, 1]"
+        )
     return x
 
 
 def _saliencies(saliencies: Any, n: int, size: tuple[int, int]) -> torch.Tensor:
-    s = saliencies if isinstance(saliencies, torch.Tensor) else torch.stack([torch.as_tensor(m) for m in saliencies])
+    s = (
+        saliencies
+        if isinstance(saliencies, torch.Tensor)
+        else torch.stack([torch.as_tensor(m) for m in saliencies])
+    )
     if s.dim() == 2:
         s = s[None]
     if s.shape != (n, *size):
-        raise InvalidInputError("saliencies", f"has shape {tuple(s.shape)}", f"[N, H, W] = {[n, *size]}, one per image")
+        raise InvalidInputError(
+            "saliencies", f"has shape {tuple(s.shape)}", f"[N, H, W] = {[n, *size]}, one per image"
+        )
     if not bool(torch.isfinite(s).all()):
         raise InvalidInputError("saliencies", "has NaN or infinite values", "finite maps")
     return s.float()
@@ -87,11 +95,17 @@ def _targets(model: nn.Module, x: torch.Tensor, targets: Any, batch_size: int) -
         targets = [targets]
     targets = list(targets)
     if len(targets) != n:
-        raise InvalidInputError("targets", f"has {len(targets)} entries for {n} images", "one class index (or None) per image")
+        raise InvalidInputError(
+            "targets", f"has {len(targets)} entries for {n} images", "one class index (or None) per image"
+        )
     if any(t is None for t in targets):
         with torch.no_grad():
-            pred = torch.cat([model(x[i:i + batch_size].to(_device(model))).argmax(1).cpu()
-                              for i in range(0, n, batch_size)]).tolist()
+            pred = torch.cat(
+                [
+                    model(x[i : i + batch_size].to(_device(model))).argmax(1).cpu()
+                    for i in range(0, n, batch_size)
+                ]
+            ).tolist()
         targets = [p if t is None else t for t, p in zip(targets, pred)]
     for t in targets:
         if isinstance(t, bool) or not isinstance(t, int) or t < 0:
@@ -99,15 +113,19 @@ def _targets(model: nn.Module, x: torch.Tensor, targets: Any, batch_size: int) -
     return torch.tensor(targets, dtype=torch.long)
 
 
-def target_scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+def target_scores(
+    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int = 64
+) -> torch.Tensor:
     """``softmax(model(inputs))[targets]`` in float32 on the model's device, ``batch_size`` inputs at a time."""
     dev = _device(model)
     targets = targets.to(dev)
     out = torch.empty(inputs.shape[0], device=dev, dtype=torch.float32)
     with torch.no_grad():
         for i in range(0, inputs.shape[0], batch_size):
-            logits = model(inputs[i:i + batch_size].to(dev))
-            out[i:i + batch_size] = logits.float().softmax(-1).gather(1, targets[i:i + batch_size, None]).squeeze(1)
+            logits = model(inputs[i : i + batch_size].to(dev))
+            out[i : i + batch_size] = (
+                logits.float().softmax(-1).gather(1, targets[i : i + batch_size, None]).squeeze(1)
+            )
     return out
 
 
@@ -119,7 +137,9 @@ def _reduce(values: torch.Tensor, per_image: bool) -> torch.Tensor | float:
 # ------------------------------------------------------------------- Average Drop / Increase
 
 
-def _y_o(model: nn.Module, images: Any, saliencies: Any, targets: Any, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _y_o(
+    model: nn.Module, images: Any, saliencies: Any, targets: Any, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     x = _images(images)
     s = _saliencies(saliencies, x.shape[0], tuple(x.shape[-2:]))
     t = _targets(model, x, targets, batch_size)
@@ -130,8 +150,14 @@ def _y_o(model: nn.Module, images: Any, saliencies: Any, targets: Any, batch_siz
     return y, o
 
 
-def average_drop(model: nn.Module, images: Any, saliencies: Any, targets: Any = None, batch_size: int = 64,
-                 per_image: bool = False) -> torch.Tensor | float:
+def average_drop(
+    model: nn.Module,
+    images: Any,
+    saliencies: Any,
+    targets: Any = None,
+    batch_size: int = 64,
+    per_image: bool = False,
+) -> torch.Tensor | float:
     """Average Drop in percent: ``100/N · Σ max(0, y_c − o_c) / y_c`` (lower is better).
 
     ``y_c = f_c(x)``, ``o_c = f_c(x ⊙ map)`` (the map multiplies the pixels, so it should lie in
@@ -143,8 +169,14 @@ def average_drop(model: nn.Module, images: Any, saliencies: Any, targets: Any = 
     return _reduce(100.0 * drop, per_image)
 
 
-def average_increase(model: nn.Module, images: Any, saliencies: Any, targets: Any = None, batch_size: int = 64,
-                     per_image: bool = False) -> torch.Tensor | float:
+def average_increase(
+    model: nn.Module,
+    images: Any,
+    saliencies: Any,
+    targets: Any = None,
+    batch_size: int = 64,
+    per_image: bool = False,
+) -> torch.Tensor | float:
     """Average Increase in percent: ``100/N · Σ 1[y_c < o_c]`` (higher is better); per image 0 or 100."""
     y, o = _y_o(model, images, saliencies, targets, batch_size)
     return _reduce(100.0 * (y < o).float(), per_image)
@@ -204,11 +236,11 @@ def insertion_deletion_curves(
     scores = torch.empty(N * (steps + 1), device=dev, dtype=torch.float32)
     with torch.no_grad():
         for i in range(0, flat_idx.numel(), batch_size):
-            b, k = img_of[i:i + batch_size], k_of[i:i + batch_size]
+            b, k = img_of[i : i + batch_size], k_of[i : i + batch_size]
             changed = rank[b] < (k * pixels_per_step).view(-1, 1, 1, 1)
             z = torch.where(changed, fill[b], base[b])
             logits = model(z)
-            scores[i:i + batch_size] = logits.float().softmax(-1).gather(1, t[b, None]).squeeze(1)
+            scores[i : i + batch_size] = logits.float().softmax(-1).gather(1, t[b, None]).squeeze(1)
     return scores.view(N, steps + 1).cpu()
 
 
@@ -218,20 +250,37 @@ def _auc(curves: torch.Tensor) -> torch.Tensor:
     return (curves.sum(1) - (curves[:, 0] + curves[:, -1]) / 2) / steps
 
 
-def deletion_auc(model: nn.Module, images: Any, saliencies: Any, targets: Any = None, pixels_per_step: int = 224,
-                 batch_size: int = 64, per_image: bool = False) -> torch.Tensor | float:
+def deletion_auc(
+    model: nn.Module,
+    images: Any,
+    saliencies: Any,
+    targets: Any = None,
+    pixels_per_step: int = 224,
+    batch_size: int = 64,
+    per_image: bool = False,
+) -> torch.Tensor | float:
     """Area under the deletion curve (lower is better); see :func:`insertion_deletion_curves`."""
-    curves = insertion_deletion_curves(model, images, saliencies, targets, "deletion", pixels_per_step, batch_size)
+    curves = insertion_deletion_curves(
+        model, images, saliencies, targets, "deletion", pixels_per_step, batch_size
+    )
     return _reduce(_auc(curves), per_image)
 
 
-def insertion_auc(model: nn.Module, images: Any, saliencies: Any, targets: Any = None, pixels_per_step: int = 224,
-                  batch_size: int = 64, per_image: bool = False,
-                  start: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor | float:
+def insertion_auc(
+    model: nn.Module,
+    images: Any,
+    saliencies: Any,
+    targets: Any = None,
+    pixels_per_step: int = 224,
+    batch_size: int = 64,
+    per_image: bool = False,
+    start: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor | float:
     """Area under the insertion curve from the blurred image (higher is better); see
     :func:`insertion_deletion_curves`."""
-    curves = insertion_deletion_curves(model, images, saliencies, targets, "insertion", pixels_per_step, batch_size,
-                                       start=start)
+    curves = insertion_deletion_curves(
+        model, images, saliencies, targets, "insertion", pixels_per_step, batch_size, start=start
+    )
     return _reduce(_auc(curves), per_image)
 
 
@@ -248,17 +297,28 @@ def region_mask(region: Region, size: tuple[int, int]) -> torch.Tensor:
     H, W = size
     if isinstance(region, torch.Tensor) and region.dim() == 2:
         if tuple(region.shape) != (H, W):
-            raise InvalidInputError("mask", f"has shape {tuple(region.shape)}", f"the saliency's shape {[H, W]}")
+            raise InvalidInputError(
+                "mask", f"has shape {tuple(region.shape)}", f"the saliency's shape {[H, W]}"
+            )
         return region.bool()
     boxes = region.tolist() if isinstance(region, torch.Tensor) else region
     if len(boxes) == 4 and all(isinstance(v, (int, float)) for v in boxes):
         boxes = [boxes]
     mask = torch.zeros(H, W, dtype=torch.bool)
     for box in boxes:
-        if len(box) != 4 or not all(isinstance(v, (int, float)) for v in box) or box[2] <= box[0] or box[3] <= box[1]:
-            raise InvalidInputError("box", f"{box!r} is not a box", "(x0, y0, x1, y1) with x1 > x0, y1 > y0, or a boolean mask [H, W]")
-        x0, y0, x1, y1 = (int(round(v)) for v in box)
-        mask[max(0, y0):max(0, min(H, y1)), max(0, x0):max(0, min(W, x1))] = True
+        if (
+            len(box) != 4
+            or not all(isinstance(v, (int, float)) for v in box)
+            or box[2] <= box[0]
+            or box[3] <= box[1]
+        ):
+            raise InvalidInputError(
+                "box",
+                f"{box!r} is not a box",
+                "(x0, y0, x1, y1) with x1 > x0, y1 > y0, or a boolean mask [H, W]",
+            )
+        x0, y0, x1, y1 = (round(v) for v in box)
+        mask[max(0, y0) : max(0, min(H, y1)), max(0, x0) : max(0, min(W, x1))] = True
     return mask
 
 
@@ -270,7 +330,9 @@ def _maps_regions(saliency: Any, regions: Any) -> tuple[torch.Tensor, torch.Tens
     if s.dim() != 3:
         raise InvalidInputError("saliency", f"has shape {tuple(s.shape)}", "[H, W] or [N, H, W]")
     if len(regions) != s.shape[0]:
-        raise InvalidInputError("mask_or_box", f"has {len(regions)} entries for {s.shape[0]} maps", "one per map")
+        raise InvalidInputError(
+            "mask_or_box", f"has {len(regions)} entries for {s.shape[0]} maps", "one per map"
+        )
     m = torch.stack([region_mask(r, tuple(s.shape[-2:])).cpu() for r in regions])
     return s, m, single
 

@@ -50,7 +50,7 @@ def main() -> None:
         perm = torch.randperm(len(x), generator=g)
         total, correct, loss_sum = 0, 0, 0.0
         for i in range(0, len(x), args.batch_size):
-            idx = perm[i:i + args.batch_size]
+            idx = perm[i : i + args.batch_size]
             xb, yb = x[idx], y[idx]
             # Flips keep the class (every shape is flip-invariant) and double the variety for free.
             if torch.rand(1, generator=g).item() < 0.5:
@@ -65,8 +65,11 @@ def main() -> None:
             correct += int((logits.argmax(1) == yb).sum())
             total += len(idx)
         acc = evaluate(model, xv, yv)
-        print(f"epoch {epoch + 1}/{args.epochs}: loss {loss_sum / total:.4f} train acc {correct / total:.4f} "
-              f"held-out acc {acc:.4f}  ({time.time() - t0:.0f}s)", flush=True)
+        print(
+            f"epoch {epoch + 1}/{args.epochs}: loss {loss_sum / total:.4f} train acc {correct / total:.4f} "
+            f"held-out acc {acc:.4f}  ({time.time() - t0:.0f}s)",
+            flush=True,
+        )
 
     acc = evaluate(model, xv, yv)
     out = Path(args.out)
@@ -74,8 +77,15 @@ def main() -> None:
     info = {
         "heldout_accuracy": acc,
         "heldout": {"seed": 1, "n": args.heldout},
-        "train": {"seed": 0, "n": args.train, "epochs": args.epochs, "batch_size": args.batch_size,
-                  "lr": args.lr, "threads": args.threads, "seconds": round(time.time() - t0, 1)},
+        "train": {
+            "seed": 0,
+            "n": args.train,
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "threads": args.threads,
+            "seconds": round(time.time() - t0, 1),
+        },
         "classes": list(SHAPE_CLASSES),
         "parameters": sum(p.numel() for p in model.parameters()),
         "command": "PYTHONPATH=. python benchmarks/groundtruth/train.py",
@@ -87,7 +97,7 @@ def main() -> None:
 @torch.no_grad()
 def evaluate(model: ShapesCNN, x: torch.Tensor, y: torch.Tensor) -> float:
     model.eval()
-    pred = torch.cat([model(x[i:i + 256]).argmax(1) for i in range(0, len(x), 256)])
+    pred = torch.cat([model(x[i : i + 256]).argmax(1) for i in range(0, len(x), 256)])
     return float((pred == y).float().mean())
 
 
