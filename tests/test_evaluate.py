@@ -125,3 +125,14 @@ def test_shapes_generator_is_deterministic_and_masks_match():
     assert torch.equal(a.image, b.image) and torch.equal(a.mask, b.mask) and a.label == b.label
     assert not torch.equal(make_sample(0, 8, 32).image, a.image)
     assert 0 < a.mask.float().mean() < 0.5  # an object, not the whole image
+
+
+def test_cli_with_vgg16_and_drop_increase_only(shapes_folder, tmp_path, capsys):
+    # The paper's Table 1 path (VGG16, Average Drop / Increase only), on random weights and 32×32 pixels.
+    rc = main(["evaluate", str(shapes_folder / "images"), "--model", "vgg16", "--weights", "random",
+               "--method", "gradcam", "--size", "32", "--limit", "1", "--no-insertion-deletion",
+               "--targets", "predicted", "--out", str(tmp_path), "-q"])  # fmt: skip
+    assert rc == 0
+    row = json.loads((tmp_path / "results.jsonl").read_text())
+    assert "average_drop" in row and "insertion" not in row and "deletion" not in row
+    assert "Insertion" not in capsys.readouterr().out

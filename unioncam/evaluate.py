@@ -203,7 +203,8 @@ def _run_key(args: dict[str, Any]) -> dict[str, Any]:
         "annotations",
         "masks",
     )
-    return {k: args.get(k) for k in keys}
+    # Runs written before the option existed always scored insertion/deletion.
+    return {**{k: args.get(k) for k in keys}, "insertion_deletion": args.get("insertion_deletion", True)}
 
 
 def evaluate(
@@ -227,6 +228,7 @@ def evaluate(
     chunk: int = 8,
     device: str | None = None,
     progress: bool = True,
+    insertion_deletion: bool = True,
 ) -> dict[str, Any]:
     """Score ``methods`` on (a ``limit``-sized, ``seed``-ed random sample of) the images in ``folder``.
 
@@ -235,6 +237,9 @@ def evaluate(
     ``out/results.json`` (and as markdown and CSV).
 
     ``pixels_per_step`` defaults to ``size`` (224 per step at 224×224, Petsiuk et al.'s setting).
+    ``insertion_deletion=False`` skips those two curves (``2·⌈H·W / pixels_per_step⌉ + 2`` forwards per
+    image and method, by far the most expensive metrics): the paper's Table 1 needs only Average
+    Drop / Increase.
     """
     from tqdm.auto import tqdm
 
@@ -272,6 +277,7 @@ def evaluate(
         "theta": theta,
         "layer": layer,
         "pixels_per_step": pps,
+        "insertion_deletion": bool(insertion_deletion),
         "targets": "folders" if classes else "predicted",
         "annotations": str(ann) if ann else None,
         "masks": str(msk) if msk else None,
@@ -329,9 +335,10 @@ def evaluate(
                 vals = {
                     "average_drop": M.average_drop(model, xs, sal, tg, batch_size, per_image=True),
                     "average_increase": M.average_increase(model, xs, sal, tg, batch_size, per_image=True),
-                    "insertion": M.insertion_auc(model, xs, sal, tg, pps, batch_size, per_image=True),
-                    "deletion": M.deletion_auc(model, xs, sal, tg, pps, batch_size, per_image=True),
                 }
+                if insertion_deletion:
+                    vals["insertion"] = M.insertion_auc(model, xs, sal, tg, pps, batch_size, per_image=True)
+                    vals["deletion"] = M.deletion_auc(model, xs, sal, tg, pps, batch_size, per_image=True)
                 have_region = [j for j, i in enumerate(idx) if regions[i] is not None]
                 if have_region:
                     reg = [regions[idx[j]] for j in have_region]
@@ -459,6 +466,7 @@ def _cmd(args: argparse.Namespace) -> int:
         chunk=args.chunk,
         device=args.device,
         progress=not args.quiet,
+        insertion_deletion=not args.no_insertion_deletion,
     )
     print((Path(args.out) / "results.md").read_text(), end="")
     return 0 if summary["table"] else 1
@@ -499,6 +507,11 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--layer", default=None, help="layer to explain; default the model's default_layer")
     p.add_argument(
         "--pixels-per-step", type=int, default=None, help="insertion/deletion pixels per step; default SIZE"
+    )
+    p.add_argument(
+        "--no-insertion-deletion",
+        action="store_true",
+        help="skip the insertion/deletion curves (the costliest metrics; Table 1 needs only Drop/Increase)",
     )
     p.add_argument(
         "--targets",
