@@ -6,6 +6,8 @@ defined when ``triton`` imports. Every op's public function asks :func:`use_trit
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 try:  # pragma: no cover - depends on the install
@@ -17,7 +19,10 @@ except ImportError:  # pragma: no cover
 
 HAS_TRITON: bool = triton is not None
 
-__all__ = ["HAS_TRITON", "triton", "tl", "use_triton"]
+#: Triton's interpreter (CPU) runs programs one after another: kernels give each program more rows there.
+INTERPRETED: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+__all__ = ["HAS_TRITON", "INTERPRETED", "triton", "tl", "use_triton"]
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:

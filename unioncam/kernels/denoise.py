@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, tl, triton, use_triton
+from ._triton import HAS_TRITON, INTERPRETED, tl, triton, use_triton
 
 __all__ = ["denoise", "denoise_torch", "denoise_triton"]
 
@@ -128,7 +128,7 @@ if HAS_TRITON:
 
 
 def denoise_triton(
-    grads: torch.Tensor, acts: torch.Tensor, theta: float, block_k: int = 32
+    grads: torch.Tensor, acts: torch.Tensor, theta: float, block_k: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """AMD in one Triton launch per call (one program per image); contract of :func:`denoise_torch`.
 
@@ -145,6 +145,7 @@ def denoise_triton(
     removed_pos = torch.empty_like(removed)
     rank_lo, rank_hi, weight = _quantile_ranks(theta, HW)
     block_n = triton.next_power_of_2(HW)
+    block_k = block_k or (64 if INTERPRETED else 16)
     block_k = max(1, min(block_k, triton.next_power_of_2(K), max(1, 8192 // block_n)))
     _denoise_kernel[(B,)](
         g, a, cam, removed, removed_pos, K, HW, rank_lo, rank_hi, weight,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, tl, triton, use_triton
+from ._triton import HAS_TRITON, INTERPRETED, tl, triton, use_triton
 from .maps import up
 
 __all__ = [
@@ -154,7 +154,7 @@ if HAS_TRITON:
 
 
 def upsampled_range_triton(
-    acts: torch.Tensor, size: tuple[int, int], block_r: int = 16, block_p: int = 1024
+    acts: torch.Tensor, size: tuple[int, int], block_r: int | None = None, block_p: int = 1024
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Contract of :func:`upsampled_range_torch`; the up-sampled maps exist only tile by tile."""
     if not HAS_TRITON:
@@ -164,6 +164,7 @@ def upsampled_range_triton(
     a = acts.contiguous()
     lo = torch.empty(B * K, device=a.device, dtype=torch.float32)
     hi = torch.empty_like(lo)
+    block_r = block_r or (64 if INTERPRETED else 16)
     block_p = min(block_p, triton.next_power_of_2(H * W))
     _range_kernel[(triton.cdiv(B * K, block_r),)](
         a, lo, hi, B * K, h, w, H, W, _scale(h, H), _scale(w, W), BLOCK_R=block_r, BLOCK_P=block_p
@@ -181,7 +182,7 @@ def masked_inputs_triton(
     out_dtype: torch.dtype = torch.float32,
     normalize: tuple[torch.Tensor, torch.Tensor] | None = None,
     channels_last: bool = False,
-    block_r: int = 4,
+    block_r: int | None = None,
     block_p: int = 1024,
 ) -> torch.Tensor:
     """Contract of :func:`masked_inputs_torch`, built straight into ``out_dtype``.
@@ -205,6 +206,7 @@ def masked_inputs_triton(
         std = normalize[1].reshape(-1).to(device=x.device, dtype=torch.float32).expand(3).contiguous()
     else:
         mean = std = lo  # never read: NORMALIZE is a compile-time False
+    block_r = block_r or (32 if INTERPRETED else 4)
     block_p = min(block_p, triton.next_power_of_2(H * W))
     grid = (triton.cdiv(n, block_r), triton.cdiv(H * W, block_p))
     _masked_kernel[grid](
