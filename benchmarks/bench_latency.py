@@ -165,6 +165,18 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _git_commit() -> str:
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return (head + (" (with uncommitted changes)" if dirty else "")) or "unknown"
+    except OSError:
+        return "unknown"
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -311,6 +323,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": _device_name(device),
         "device_type": device.type,
         "versions": _versions(),
+        "commit": _git_commit(),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "paper": PAPER,
         "rows": rows,
