@@ -123,7 +123,8 @@ if HAS_TRITON:
         total_removed = tl.sum(n_removed, axis=0)
         total_positive = tl.sum(n_positive, axis=0)
         total_removed_pos = tl.sum(n_removed_pos, axis=0)
-        tl.store(removed_ptr + b, total_removed.to(tl.float32) / (K * HW).to(tl.float32))
+        # `* 1.0` rather than `.to()`: when K = HW = 1 Triton specialises both to constants.
+        tl.store(removed_ptr + b, total_removed.to(tl.float32) / (K * HW * 1.0))
         tl.store(removed_pos_ptr + b, total_removed_pos.to(tl.float32) / tl.maximum(total_positive, 1).to(tl.float32))
 
 
