@@ -8,8 +8,9 @@ Same run, same device, same images, same pixel-space VGG16 for every entry:
 - ``pytorch-grad-cam``: ``pytorch_grad_cam.ScoreCAM`` (``pip install grad-cam``), if installed;
 - ``torchcam``: ``torchcam.methods.ScoreCAM`` (``pip install torchcam``), if installed.
 
-Timing is device-synchronised wall time per image after ``--warmup`` untimed images; memory is the
-peak over the timed images (CUDA: ``max_memory_allocated`` / ``max_memory_reserved``; CPU: peak RSS,
+Timing is device-synchronised wall time per image after ``--warmup`` untimed calls, the entries
+taking turns call by call (so a busy shared machine slows all of them alike); memory is the peak over
+the timed calls (CUDA: ``max_memory_allocated`` / ``max_memory_reserved``; CPU: peak RSS,
 reset per entry through ``/proc/self/clear_refs`` where Linux allows it). Forwards are counted by a
 hook on ``model.features``: every image that passes through the network counts, whoever sends it.
 
@@ -215,44 +216,76 @@ def _entries(args: argparse.Namespace) -> list[tuple[str, Callable | None]]:
     return out
 
 
-def measure(name: str, run: Callable, model, images, targets, args, device) -> dict:
-    """Time ``run`` per call (one image, or ``--throughput`` images) after warm-up."""
-    per_call = args.throughput if args.throughput > 1 and name.split("-")[0] in ("unioncam", "scorecam") else 1
-    calls = [(images[i:i + per_call], targets[i:i + per_call]) for i in range(0, len(images), per_call)]
-    for i in range(args.warmup):
-        run(model, *calls[i % len(calls)])
-    _sync(device)
-    peak_kind = _reset_peak(device)
-    counter = _ForwardCounter(model.features)
-    seconds, details = [], []
-    try:
-        for ims, ts in calls:
-            _sync(device)
+class _Entry:
+    """One benchmarked entry: its calls (one image, or ``--throughput`` images each) and what they measured."""
+
+    def __init__(self, name: str, run: Callable, images: list, targets: list, throughput: int) -> None:
+        self.name, self.run = name, run
+        per_call = throughput if throughput > 1 and name.split("-")[0] in ("unioncam", "scorecam") else 1
+        self.per_call = per_call
+        self.calls = [(images[i:i + per_call], targets[i:i + per_call]) for i in range(0, len(images), per_call)]
+        self.seconds: list[float] = []
+        self.details: list[dict] = []
+        self.peaks: dict[str, float] = {}
+        self.peak_kind = ""
+        self.forwards = 0
+
+    def timed_call(self, k: int, model, device: torch.device) -> None:
+        ims, ts = self.calls[k]
+        counter = _ForwardCounter(model.features)
+        _sync(device)
+        self.peak_kind = _reset_peak(device)
+        try:
             t0 = time.perf_counter()
-            details += run(model, ims, ts)
+            self.details += self.run(model, ims, ts)
             _sync(device)
-            seconds += [(time.perf_counter() - t0) / len(ims)] * len(ims)
-    finally:
-        counter.close()
-    n = len(seconds)
-    q = statistics.quantiles(seconds, n=10, method="inclusive") if n > 1 else [seconds[0]] * 9
-    row = {
-        "entry": name,
-        "images": n,
-        "images_per_call": per_call,
-        "median_s": statistics.median(seconds),
-        "p10_s": q[0],
-        "p90_s": q[-1],
-        "seconds": seconds,
-        "network_forwards_per_image": counter.count / n,
-        "peak_memory_kind": peak_kind,
-        **_peak(device),
-    }
-    masked = [d["masked_forwards"] for d in details if "masked_forwards" in d]
-    if masked:
-        row["masked_forwards_per_image"] = sum(masked) / len(masked)
-        row["pruned_channels_per_image"] = sum(d["channels"] - d["active_channels"] for d in details) / len(details)
-    return row
+            self.seconds += [(time.perf_counter() - t0) / len(ims)] * len(ims)
+        finally:
+            counter.close()
+        self.forwards += counter.count
+        for key, v in _peak(device).items():
+            self.peaks[key] = max(v, self.peaks.get(key, 0.0))
+
+    def row(self) -> dict:
+        n = len(self.seconds)
+        q = statistics.quantiles(self.seconds, n=10, method="inclusive") if n > 1 else [self.seconds[0]] * 9
+        row = {
+            "entry": self.name,
+            "images": n,
+            "images_per_call": self.per_call,
+            "median_s": statistics.median(self.seconds),
+            "p10_s": q[0],
+            "p90_s": q[-1],
+            "seconds": self.seconds,
+            "network_forwards_per_image": self.forwards / n,
+            "peak_memory_kind": self.peak_kind,
+            **self.peaks,
+        }
+        masked = [d["masked_forwards"] for d in self.details if "masked_forwards" in d]
+        if masked:
+            row["masked_forwards_per_image"] = sum(masked) / len(masked)
+            row["pruned_channels_per_image"] = (
+                sum(d["channels"] - d["active_channels"] for d in self.details) / len(self.details))
+        return row
+
+
+def measure(entries: list[_Entry], model, args, device: torch.device) -> list[dict]:
+    """Warm every entry up, then time them round-robin, call by call.
+
+    Interleaving means a slow-down of a shared machine hits every entry alike rather than whichever
+    happened to run at that moment. Peak memory is reset before each call and the maximum kept.
+    """
+    for e in entries:
+        print(f"{e.name}: {args.warmup} warm-up call(s)", flush=True)
+        for i in range(args.warmup):
+            e.run(model, *e.calls[i % len(e.calls)])
+    rounds = max(len(e.calls) for e in entries)
+    for k in range(rounds):
+        print(f"timed round {k + 1}/{rounds}", flush=True)
+        for e in entries:
+            if k < len(e.calls):
+                e.timed_call(k, model, device)
+    return [e.row() for e in entries]
 
 
 def _table(rows: list[dict], device: torch.device, size: int) -> str:
@@ -307,14 +340,14 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.no_grad():
         targets = [int(model(x[None]).argmax()) for x in images]
 
-    rows = []
+    entries, skipped = [], []
     for name, run in _entries(args):
         if run is None:
-            rows.append({"entry": name, "skipped": f"not installed (pip install {name.replace('pytorch-', '')})"})
+            skipped.append({"entry": name, "skipped": f"not installed (pip install {name.replace('pytorch-', '')})"})
             print(f"{name}: skipped, not installed", flush=True)
-            continue
-        print(f"{name}: {args.warmup} warm-up + {args.images} timed images …", flush=True)
-        rows.append(measure(name, run, model, images, targets, args, device))
+        else:
+            entries.append(_Entry(name, run, images, targets, args.throughput))
+    rows = (measure(entries, model, args, device) if entries else []) + skipped
 
     table = _table(rows, device, args.size)
     print(table)
