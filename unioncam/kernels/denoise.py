@@ -4,13 +4,18 @@ For each channel ``k`` of the gradient ``W`` (shape ``[B, K, h, w]``):
 ``p_k`` = θ-th percentile of ``W_k`` (linear interpolation between order statistics, as
 ``torch.quantile``), ``D_k = W_k·1[W_k ≥ p_k]``, ``S_k = Σ relu(D_k)``, ``α_k = 1/S_k`` where ``D_k > 0``
 (0 where ``S_k = 0``), and ``L_den = Σ_k α_k ⊙ relu(D_k) ⊙ A_k``.
+
+Two paths, one contract: :func:`denoise_torch` (plain torch) and :func:`denoise_triton` (one launch:
+percentile, threshold, weighting, channel sum and the removed-fraction stats fused).
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["denoise", "denoise_torch"]
+from ._triton import HAS_TRITON, INTERPRETED, tl, triton, use_triton
+
+__all__ = ["denoise", "denoise_torch", "denoise_triton"]
 
 
 def denoise_torch(
@@ -42,8 +47,118 @@ def denoise_torch(
     return cam, removed.float().mean((1, 2)), removed_pos.float()
 
 
+def _quantile_ranks(theta: float, n: int) -> tuple[int, int, float]:
+    """``torch.quantile``'s ranks and weight for ``q = θ/100`` over ``n`` values, in its float32 arithmetic."""
+    q = torch.tensor(theta / 100.0, dtype=torch.float32)
+    rank = q * (n - 1)  # float32, as torch.quantile computes it
+    below = int(rank.floor().item())
+    above = int(rank.ceil().item())
+    return below, min(above, n - 1), float((rank - below).item())
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _order_key(v):
+        # IEEE floats ordered as signed ints once the magnitude bits of negatives are flipped.
+        bits = v.to(tl.int32, bitcast=True)
+        return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
+
+    @triton.jit
+    def _denoise_kernel(
+        g_ptr, a_ptr, cam_ptr, removed_ptr, removed_pos_ptr,
+        K, HW, rank_lo, rank_hi, weight,
+        BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        cols = tl.arange(0, BLOCK_N)
+        col_ok = cols < HW
+        cam = tl.zeros([BLOCK_N], dtype=tl.float32)
+        n_removed = tl.zeros([BLOCK_K], dtype=tl.int32)
+        n_positive = tl.zeros([BLOCK_K], dtype=tl.int32)
+        n_removed_pos = tl.zeros([BLOCK_K], dtype=tl.int32)
+        BIG: tl.constexpr = 1 << 40  # above every int32 key: padding never counts as "≤ t"
+        for k0 in range(0, K, BLOCK_K):
+            rows = k0 + tl.arange(0, BLOCK_K)
+            ok = (rows[:, None] < K) & col_ok[None, :]
+            offs = (b * K + rows[:, None]) * HW + cols[None, :]
+            g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            key = tl.where(ok, _order_key(g), BIG)
+            # eq. 1, the percentile: the rank_lo-th smallest key by bisection on [min, max] (exact,
+            # 32 halvings cover the int32 range; no sort).
+            lo = tl.min(key, axis=1)
+            hi = tl.max(tl.where(ok, key, -BIG), axis=1)
+            for _ in range(32):
+                mid = lo + ((hi - lo) >> 1)
+                cnt = tl.sum((key <= mid[:, None]).to(tl.int32), axis=1)
+                take = cnt >= rank_lo + 1
+                hi = tl.where(take, mid, hi)
+                lo = tl.where(take, lo, mid + 1)
+            t = lo
+            at_or_below = key <= t[:, None]
+            v_lo = tl.max(tl.where(at_or_below, g, float("-inf")), axis=1)
+            cnt_t = tl.sum(at_or_below.to(tl.int32), axis=1)
+            # The next order statistic is v_lo again when it is tied, else the smallest value above it.
+            next_up = tl.min(tl.where(ok & (key > t[:, None]), g, float("inf")), axis=1)
+            v_hi = tl.where(cnt_t >= rank_hi + 1, v_lo, next_up)
+            # Padding rows past K have no values (±inf above): keep them finite so nothing turns NaN.
+            row_ok = rows < K
+            v_lo = tl.where(row_ok, v_lo, 0.0)
+            v_hi = tl.where(row_ok, v_hi, 0.0)
+            # torch's lerp, branch for branch, so the threshold matches torch.quantile's.
+            diff = v_hi - v_lo
+            p = tl.where(weight < 0.5, v_lo + weight * diff, v_hi - diff * (1.0 - weight))
+            removed = ok & (g < p[:, None])
+            d = tl.where(removed, 0.0, g)  # D_k
+            pos = tl.maximum(d, 0.0)  # relu(D_k)
+            s = tl.sum(pos, axis=1)  # S_k
+            inv = tl.where(s > 0, 1.0 / tl.where(s > 0, s, 1.0), 0.0)  # α_k = 1/S_k where D_k > 0
+            a = tl.load(a_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            cam += tl.sum(tl.where(d > 0, inv[:, None], 0.0) * pos * a, axis=0)  # eq. 2, channel sum
+            positive = ok & (g > 0)
+            n_removed += tl.sum(removed.to(tl.int32), axis=1)
+            n_positive += tl.sum(positive.to(tl.int32), axis=1)
+            n_removed_pos += tl.sum((removed & positive).to(tl.int32), axis=1)
+        tl.store(cam_ptr + b * HW + cols, cam, mask=col_ok)
+        total_removed = tl.sum(n_removed, axis=0)
+        total_positive = tl.sum(n_positive, axis=0)
+        total_removed_pos = tl.sum(n_removed_pos, axis=0)
+        # `* 1.0` rather than `.to()`: when K = HW = 1 Triton specialises both to constants.
+        tl.store(removed_ptr + b, total_removed.to(tl.float32) / (K * HW * 1.0))
+        tl.store(removed_pos_ptr + b, total_removed_pos.to(tl.float32) / tl.maximum(total_positive, 1).to(tl.float32))
+
+
+def denoise_triton(
+    grads: torch.Tensor, acts: torch.Tensor, theta: float, block_k: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """AMD in one Triton launch per call (one program per image); contract of :func:`denoise_torch`.
+
+    The channel sum runs inside the program, in a fixed order, so the result is deterministic.
+    """
+    if not HAS_TRITON:
+        raise RuntimeError("denoise_triton needs triton; use denoise() to fall back to torch")
+    B, K, h, w = grads.shape
+    HW = h * w
+    g = grads.contiguous()
+    a = acts.contiguous()
+    cam = torch.empty(B, h, w, device=g.device, dtype=torch.float32)
+    removed = torch.empty(B, device=g.device, dtype=torch.float32)
+    removed_pos = torch.empty_like(removed)
+    rank_lo, rank_hi, weight = _quantile_ranks(theta, HW)
+    block_n = triton.next_power_of_2(HW)
+    block_k = block_k or (64 if INTERPRETED else 16)
+    block_k = max(1, min(block_k, triton.next_power_of_2(K), max(1, 8192 // block_n)))
+    _denoise_kernel[(B,)](
+        g, a, cam, removed, removed_pos, K, HW, rank_lo, rank_hi, weight,
+        BLOCK_K=block_k, BLOCK_N=block_n,
+    )
+    return cam, removed, removed_pos
+
+
 def denoise(
     grads: torch.Tensor, acts: torch.Tensor, theta: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """AMD on the best available path (see :func:`denoise_torch` for the contract)."""
+    if use_triton(grads, acts):
+        return denoise_triton(grads, acts, theta)
     return denoise_torch(grads, acts, theta)

@@ -9,9 +9,17 @@ from __future__ import annotations
 
 import torch
 
+from ._triton import HAS_TRITON, INTERPRETED, tl, triton, use_triton
 from .maps import up
 
-__all__ = ["upsampled_range", "upsampled_range_torch", "masked_inputs", "masked_inputs_torch"]
+__all__ = [
+    "upsampled_range",
+    "upsampled_range_torch",
+    "upsampled_range_triton",
+    "masked_inputs",
+    "masked_inputs_torch",
+    "masked_inputs_triton",
+]
 
 
 def upsampled_range_torch(
@@ -67,8 +75,152 @@ def masked_inputs_torch(
     return out.to(out_dtype)
 
 
+def _scale(src: int, dst: int) -> float:
+    # F.interpolate(size=...) uses float32 in/out as the source step; the same float here.
+    return float(torch.tensor(src, dtype=torch.float32) / dst)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _bilinear(src_ptr, row_base, pix, h, w, W_out, scale_h, scale_w):
+        """``up(·)`` at output pixels ``pix`` of source rows starting at ``row_base``: F.interpolate's
+        bilinear, ``align_corners=False``, same index and weight arithmetic (source index clamped at 0)."""
+        oy = pix // W_out
+        ox = pix % W_out
+        sy = tl.maximum(scale_h * (oy.to(tl.float32) + 0.5) - 0.5, 0.0)
+        sx = tl.maximum(scale_w * (ox.to(tl.float32) + 0.5) - 0.5, 0.0)
+        y0 = sy.to(tl.int32)  # sy ≥ 0, so truncation is floor
+        x0 = sx.to(tl.int32)
+        y1 = tl.minimum(y0 + 1, h - 1)
+        x1 = tl.minimum(x0 + 1, w - 1)
+        ly1 = sy - y0.to(tl.float32)
+        lx1 = sx - x0.to(tl.float32)
+        ly0 = 1.0 - ly1
+        lx0 = 1.0 - lx1
+        v00 = tl.load(src_ptr + row_base + y0 * w + x0).to(tl.float32)
+        v01 = tl.load(src_ptr + row_base + y0 * w + x1).to(tl.float32)
+        v10 = tl.load(src_ptr + row_base + y1 * w + x0).to(tl.float32)
+        v11 = tl.load(src_ptr + row_base + y1 * w + x1).to(tl.float32)
+        return (v00 * lx0 + v01 * lx1) * ly0 + (v10 * lx0 + v11 * lx1) * ly1
+
+    @triton.jit
+    def _range_kernel(
+        a_ptr, lo_ptr, hi_ptr, R, h, w, H, W, scale_h, scale_w,
+        BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+    ):
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = rows < R
+        base = tl.where(row_ok, rows, 0)[:, None] * (h * w)  # clamp padding rows to a valid address
+        lo = tl.full([BLOCK_R], float("inf"), tl.float32)
+        hi = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        for p0 in range(0, H * W, BLOCK_P):
+            pix = p0 + tl.arange(0, BLOCK_P)
+            pix_ok = pix < H * W
+            u = _bilinear(a_ptr, base, tl.where(pix_ok, pix, 0)[None, :], h, w, W, scale_h, scale_w)
+            lo = tl.minimum(lo, tl.min(tl.where(pix_ok[None, :], u, float("inf")), axis=1))
+            hi = tl.maximum(hi, tl.max(tl.where(pix_ok[None, :], u, float("-inf")), axis=1))
+        tl.store(lo_ptr + rows, lo, mask=row_ok)
+        tl.store(hi_ptr + rows, hi, mask=row_ok)
+
+    @triton.jit
+    def _masked_kernel(
+        x_ptr, a_ptr, bi_ptr, ki_ptr, lo_ptr, hi_ptr, mean_ptr, std_ptr, out_ptr,
+        n, K, h, w, H, W, scale_h, scale_w,
+        s_on, s_oc, s_oh, s_ow,
+        NORMALIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+    ):
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = rows < n
+        pix = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+        pix_ok = pix < H * W
+        b = tl.load(bi_ptr + rows, mask=row_ok, other=0)
+        k = tl.load(ki_ptr + rows, mask=row_ok, other=0)
+        lo = tl.load(lo_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        hi = tl.load(hi_ptr + rows, mask=row_ok, other=1.0).to(tl.float32)
+        safe_pix = tl.where(pix_ok, pix, 0)[None, :]
+        u = _bilinear(a_ptr, (b * K + k).to(tl.int64)[:, None] * (h * w), safe_pix, h, w, W, scale_h, scale_w)
+        m = (u - lo[:, None]) / (hi - lo)[:, None]  # M_k = norm(up(A_k)) with the precomputed range
+        ok = row_ok[:, None] & pix_ok[None, :]
+        oy = safe_pix // W
+        ox = safe_pix % W
+        x_base = b.to(tl.int64)[:, None] * (3 * H * W) + safe_pix
+        o_base = rows.to(tl.int64)[:, None] * s_on + oy * s_oh + ox * s_ow
+        for c in tl.static_range(3):
+            v = tl.load(x_ptr + x_base + c * H * W, mask=ok, other=0.0).to(tl.float32) * m
+            if NORMALIZE:
+                v = (v - tl.load(mean_ptr + c)) / tl.load(std_ptr + c)
+            tl.store(out_ptr + o_base + c * s_oc, v.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def upsampled_range_triton(
+    acts: torch.Tensor, size: tuple[int, int], block_r: int | None = None, block_p: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contract of :func:`upsampled_range_torch`; the up-sampled maps exist only tile by tile."""
+    if not HAS_TRITON:
+        raise RuntimeError("upsampled_range_triton needs triton; use upsampled_range() to fall back to torch")
+    B, K, h, w = acts.shape
+    H, W = int(size[0]), int(size[1])
+    a = acts.contiguous()
+    lo = torch.empty(B * K, device=a.device, dtype=torch.float32)
+    hi = torch.empty_like(lo)
+    block_r = block_r or (64 if INTERPRETED else 16)
+    block_p = min(block_p, triton.next_power_of_2(H * W))
+    _range_kernel[(triton.cdiv(B * K, block_r),)](
+        a, lo, hi, B * K, h, w, H, W, _scale(h, H), _scale(w, W), BLOCK_R=block_r, BLOCK_P=block_p
+    )
+    return lo.view(B, K), hi.view(B, K)
+
+
+def masked_inputs_triton(
+    images: torch.Tensor,
+    acts: torch.Tensor,
+    image_idx: torch.Tensor,
+    channel_idx: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    out_dtype: torch.dtype = torch.float32,
+    normalize: tuple[torch.Tensor, torch.Tensor] | None = None,
+    channels_last: bool = False,
+    block_r: int | None = None,
+    block_p: int = 1024,
+) -> torch.Tensor:
+    """Contract of :func:`masked_inputs_torch`, built straight into ``out_dtype``.
+
+    Up-sampling, min–max, the product with the image and the optional normalisation happen in
+    registers: no float32 ``[n, 3, H, W]`` intermediate exists. ``channels_last`` picks the layout of
+    the result (what cuDNN convolutions prefer).
+    """
+    if not HAS_TRITON:
+        raise RuntimeError("masked_inputs_triton needs triton; use masked_inputs() to fall back to torch")
+    B, K, h, w = acts.shape
+    H, W = images.shape[-2:]
+    n = int(image_idx.numel())
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.empty((n, 3, H, W), device=images.device, dtype=out_dtype, memory_format=fmt)
+    if n == 0:
+        return out
+    x = images.contiguous()
+    if normalize is not None:
+        mean = normalize[0].reshape(-1).to(device=x.device, dtype=torch.float32).expand(3).contiguous()
+        std = normalize[1].reshape(-1).to(device=x.device, dtype=torch.float32).expand(3).contiguous()
+    else:
+        mean = std = lo  # never read: NORMALIZE is a compile-time False
+    block_r = block_r or (32 if INTERPRETED else 4)
+    block_p = min(block_p, triton.next_power_of_2(H * W))
+    grid = (triton.cdiv(n, block_r), triton.cdiv(H * W, block_p))
+    _masked_kernel[grid](
+        x, acts.contiguous(), image_idx.contiguous(), channel_idx.contiguous(), lo.contiguous(),
+        hi.contiguous(), mean, std, out, n, K, h, w, H, W, _scale(h, H), _scale(w, W), *out.stride(),
+        NORMALIZE=normalize is not None, BLOCK_R=block_r, BLOCK_P=block_p,
+    )
+    return out
+
+
 def upsampled_range(acts: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel range of the up-sampled maps on the best available path."""
+    if use_triton(acts):
+        return upsampled_range_triton(acts, size)
     return upsampled_range_torch(acts, size)
 
 
@@ -82,5 +234,12 @@ def masked_inputs(
     out_dtype: torch.dtype = torch.float32,
     normalize: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Masked inputs on the best available path (see :func:`masked_inputs_torch`)."""
+    """Masked inputs on the best available path (see :func:`masked_inputs_torch`).
+
+    On the Triton path the result is channels-last, the layout cuDNN prefers for the forwards.
+    """
+    if use_triton(images, acts):
+        return masked_inputs_triton(
+            images, acts, image_idx, channel_idx, lo, hi, out_dtype, normalize, channels_last=True
+        )
     return masked_inputs_torch(images, acts, image_idx, channel_idx, lo, hi, out_dtype, normalize)
