@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import unioncam  # noqa: E402
-from unioncam.engine import PRECISIONS  # noqa: E402
+from unioncam.engine import DEFAULT_BATCH_SIZE, PRECISIONS  # noqa: E402
 from unioncam.reference import unioncam_reference  # noqa: E402
 
 #: The paper's figure for UnionCAM on VGG16, 224×224, one NVIDIA RTX A6000 (Hu et al. 2024, §4.2).
@@ -319,7 +319,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--methods", default=",".join(ENTRIES), help=f"comma list from {','.join(ENTRIES)}")
     ap.add_argument("--precision", default="fp32,bf16", help=f"comma list from {','.join(PRECISIONS)} (ours only)")
     ap.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
-    ap.add_argument("--batch-size", type=int, default=64, help="masked inputs per forward, for every entry")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="masked inputs per forward, the same for every entry (default: the engine's for the "
+                    "device: 64 on CUDA, 8 on CPU)")
     ap.add_argument("--throughput", type=int, default=1, help="images per explain_batch call (ours only)")
     ap.add_argument("--weights", default="random", help="'random', 'imagenet' or a state-dict path")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -334,6 +336,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.batch_size is None:
+        args.batch_size = DEFAULT_BATCH_SIZE.get(device.type, 64)
 
     model = unioncam.load_vgg16(args.weights, seed=args.seed, device=device)
     images = [x.to(device) for x in _images(args.images, args.size, args.seed)]

@@ -3,7 +3,7 @@
 Tolerance (fp32): final map max abs difference ≤ 1e-4, and the same ``selected`` wherever
 ``|β_union − β_reg|`` exceeds ``BETA_ROUNDING``. The two paths sum channels in another order and batch
 their forwards differently, so maps differ by float rounding (~1e-7) and the scores of masked inputs by up
-to ~1e-6 on a confident model; β's are compared to ``BETA_ROUNDING`` and, where β_union and β_reg are
+to ~2e-5 on a confident VGG16 (a threshold entry that flips moves the denoised map a little); β's are compared to ``BETA_ROUNDING`` and, where β_union and β_reg are
 closer than that, the choice between two near-equal maps is a coin toss and is not compared.
 """
 
@@ -16,12 +16,12 @@ from unioncam.reference import unioncam_reference
 from .conftest import make_tiny_cnn
 
 MAP_TOL = 1e-4
-BETA_ROUNDING = 1e-5
+BETA_ROUNDING = 1e-4
 
 
 def _check(fast, ref):
     assert fast.target == ref.target
-    assert fast.score == pytest.approx(ref.score, abs=1e-6)
+    assert fast.score == pytest.approx(ref.score, abs=BETA_ROUNDING)
     for key in ("beta_denoise", "beta_region", "beta_union", "baseline_score"):
         assert fast.details[key] == pytest.approx(ref.details[key], abs=BETA_ROUNDING), key
     assert fast.details["denoised_fraction"] == pytest.approx(ref.details["denoised_fraction"], abs=1e-6)
@@ -61,12 +61,25 @@ def test_batch_of_images_matches_reference_image_by_image():
 
 @pytest.mark.slow
 def test_vgg16_64px_matches_reference(vgg_random):
-    """VGG16 (random weights) at 64×64, ``features.29``: ~490 masked forwards each way."""
-    x = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(11))
-    fast = unioncam.explain(vgg_random, x)
-    ref = unioncam_reference(vgg_random, x)
-    _check(fast, ref)
-    # Whatever the selection, the region map (Score-CAM) and the union are each within tolerance:
-    region = unioncam.explain(vgg_random, x, method="scorecam").saliency
-    if ref.details["selected"] == "region":
+    """VGG16 (random weights) at 64×64, ``features.29``: ~490 masked forwards each way.
+
+    Random VGG16's softmax is nearly flat and both β's come out negative, which makes the union map all
+    zeros. Its head is scaled by 256 for this test (exactly undone after), so the scores and β's carry
+    signal: this image gives β's of about 0.14–0.17, so the selection and both maps are really compared.
+    """
+    x = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(12))
+    head = vgg_random.classifier[6]
+    with torch.no_grad():
+        head.weight.mul_(256)
+    try:
+        fast = unioncam.explain(vgg_random, x)
+        ref = unioncam_reference(vgg_random, x)
+        region = unioncam.explain(vgg_random, x, method="scorecam").saliency
+    finally:
+        with torch.no_grad():
+            head.weight.div_(256)
+    assert _check(fast, ref) > BETA_ROUNDING
+    assert min(ref.details["beta_region"], ref.details["beta_denoise"]) > 0.01
+    assert ref.saliency.max() == 1
+    if ref.details["selected"] == "region":  # the region map is Score-CAM's map
         assert (region - ref.saliency).abs().max().item() <= MAP_TOL

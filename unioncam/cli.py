@@ -52,7 +52,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     cats = getattr(model, "categories", None)
     for method in args.method:
         results = explain_batch(model, images, [args.target] * len(images), method=method, theta=args.theta,
-                                layer=args.layer, batch_size=args.batch_size, progress=not args.quiet)
+                                layer=args.layer, batch_size=args.batch_size, progress=not args.quiet,
+                                precision=args.precision)
         for name, img, res in zip(names, images, results):
             stem = out / f"{name}.{method}"
             overlay(img, res.saliency, alpha=args.alpha, cmap=args.cmap).save(f"{stem}.png")
@@ -100,7 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--seed", type=int, default=0, help="seed for --weights random; default 0")
     ex.add_argument("--layer", default=None, help="module name to explain; default features.29 (conv5_3 ReLU)")
     ex.add_argument("--size", type=int, default=224, help="resize images to SIZE×SIZE first; default 224")
-    ex.add_argument("--batch-size", type=int, default=64, help="masked inputs per forward pass; default 64")
+    ex.add_argument("--batch-size", type=int, default=None,
+                    help="masked inputs per forward pass; default 64 on CUDA, 8 on CPU")
+    ex.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                    help="dtype of the masked forwards (autocast; scores stay float32); default fp32")
     ex.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu; default cpu")
     ex.add_argument("--out", default="out", help="output folder; default ./out")
     ex.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the map; default 0.5")
