@@ -151,7 +151,7 @@ import unioncam  # noqa: E402
 denoise_mod = importlib.import_module("unioncam.kernels.denoise")
 masks_mod = importlib.import_module("unioncam.kernels.masks")
 
-from conftest import make_tiny_cnn  # noqa: E402
+from .conftest import make_tiny_cnn  # noqa: E402
 
 
 class NormalizedTiny(nn.Module):

@@ -9,8 +9,8 @@ Near-ties (margins of 1e-3 and below) do flip: measured figures are in the READM
 
 import pytest
 import torch
-from conftest import make_tiny_cnn
-from test_kernels import NormalizedTiny
+from .conftest import make_tiny_cnn
+from .test_kernels import NormalizedTiny
 
 import unioncam
 
