@@ -34,7 +34,7 @@ if os.path.isdir(os.path.join(_HERE, "unioncam")):
 import torch  # noqa: E402
 
 import unioncam  # noqa: E402
-from unioncam.engine import METHODS, black_probs, validate_method, validate_theta  # noqa: E402
+from unioncam.engine import METHODS, black_probs, validate_method, validate_precision, validate_theta  # noqa: E402
 from unioncam.errors import InvalidInputError  # noqa: E402
 
 FORMATS = ("json", "png")
@@ -90,7 +90,8 @@ class UnionCAMHandler(BaseHandler):
         self.default_method = validate_method(cfg.get("method", "unioncam"))
         self.default_theta = validate_theta(cfg.get("theta", 10.0))
         self.layer = cfg.get("layer") or None
-        self.batch_size = int(cfg.get("batch_size", 64))
+        self.batch_size = int(cfg["batch_size"]) if cfg.get("batch_size") is not None else None
+        self.precision = validate_precision(cfg.get("precision", "fp32"))
         gpu = props.get("gpu_id")
         self.device = torch.device(f"cuda:{gpu}" if gpu is not None and torch.cuda.is_available() else "cpu")
         weights_file = os.path.join(model_dir, cfg.get("weights_file", "vgg16.pth"))
@@ -251,7 +252,7 @@ class UnionCAMHandler(BaseHandler):
         # One explanation per call: the map is then the same as unioncam.explain on this image, whatever
         # else shares the batch; masked inputs are already batched inside one explanation.
         res = unioncam.explain(self.model, item.pixels, method=item.method, target=item.target, theta=item.theta,
-                               layer=self.layer, batch_size=self.batch_size)
+                               layer=self.layer, batch_size=self.batch_size, precision=self.precision)
         explain_ms = (time.perf_counter() - start) * 1000
         self._metrics(res, explain_ms, idx)
         t0 = time.perf_counter()

@@ -39,7 +39,8 @@ class ArchiveSettings:
     method: str = "unioncam"
     theta: float = 10.0
     layer: str | None = None
-    batch_size: int = 64  # masked inputs per forward
+    batch_size: int | None = None  # masked inputs per forward; None: the engine's default for the device
+    precision: str = "fp32"  # dtype of the masked forwards
     max_batch_size: int = 4  # requests TorchServe groups into one handler call
     max_batch_delay_ms: int = 50
     response_timeout_s: int = 600  # a 224×224 UnionCAM is ~500 VGG16 forwards: minutes on a CPU
@@ -49,7 +50,7 @@ class ArchiveSettings:
         import yaml
 
         handler = {"image_size": self.image_size, "method": self.method, "theta": self.theta,
-                   "layer": self.layer, "batch_size": self.batch_size}
+                   "layer": self.layer, "batch_size": self.batch_size, "precision": self.precision}
         if self.weights == "random":
             handler.update(weights="random", seed=self.seed)
         else:
@@ -61,13 +62,16 @@ class ArchiveSettings:
 
 
 def _validate(settings: ArchiveSettings) -> None:
-    from .engine import validate_method, validate_theta
+    from .engine import validate_method, validate_precision, validate_theta
     from .errors import InvalidInputError
 
     validate_method(settings.method)
     validate_theta(settings.theta)
+    validate_precision(settings.precision)
     for name in ("image_size", "batch_size", "max_batch_size", "workers", "response_timeout_s"):
         v = getattr(settings, name)
+        if name == "batch_size" and v is None:
+            continue
         if not isinstance(v, int) or v < 1:
             raise InvalidInputError(name.replace("_", "-"), f"{v!r}", "an integer ≥ 1")
     if settings.image_size < 32:
@@ -338,7 +342,7 @@ def _ports_of(text: str) -> Ports:
 
 def _settings(args: argparse.Namespace) -> ArchiveSettings:
     return ArchiveSettings(weights=args.weights, seed=args.seed, image_size=args.image_size, method=args.method,
-                           theta=args.theta, layer=args.layer, batch_size=args.batch_size,
+                           theta=args.theta, layer=args.layer, batch_size=args.batch_size, precision=args.precision,
                            max_batch_size=args.max_batch_size, max_batch_delay_ms=args.max_batch_delay,
                            response_timeout_s=args.response_timeout)
 
@@ -425,7 +429,10 @@ def _add_archive_options(p: argparse.ArgumentParser, weights_default: str | None
     p.add_argument("--method", default="unioncam", choices=METHODS, help="default method; default unioncam")
     p.add_argument("--theta", type=float, default=10.0, help="default θ; default 10")
     p.add_argument("--layer", default=None, help="explained layer; default features.29")
-    p.add_argument("--batch-size", type=int, default=64, help="masked inputs per forward; default 64")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="masked inputs per forward; default the engine's: 64 on CUDA, 8 on CPU")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="dtype of the masked forwards (autocast; scores stay float32); default fp32")
     p.add_argument("--max-batch-size", type=int, default=4, help="requests per handler call; default 4")
     p.add_argument("--max-batch-delay", type=int, default=50, help="ms TorchServe waits to fill a batch; default 50")
     p.add_argument("--response-timeout", type=int, default=600, help="seconds per batch; default 600")
