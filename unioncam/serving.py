@@ -397,6 +397,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise KeyboardInterrupt  # `kill` / a service manager: stop the server as Ctrl-C does
 
     signal.signal(signal.SIGTERM, _terminate)
+    # A shell that starts us in the background hands SIGINT down as ignored: Ctrl-C must still work.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         server.start(timeout=args.startup_timeout)
         key = server.keys()["inference"]
