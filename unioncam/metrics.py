@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torchvision.transforms.functional import gaussian_blur
 
+from .engine import _Scorer
 from .errors import InvalidInputError
 
 __all__ = [
@@ -116,17 +117,12 @@ def _targets(model: nn.Module, x: torch.Tensor, targets: Any, batch_size: int) -
 def target_scores(
     model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int = 64
 ) -> torch.Tensor:
-    """``softmax(model(inputs))[targets]`` in float32 on the model's device, ``batch_size`` inputs at a time."""
+    """``softmax(model(inputs))[targets]`` in float32 on the model's device, ``batch_size`` inputs at a time.
+
+    The engine's scorer does the work (the same chunking and out-of-memory back-off as explanations).
+    """
     dev = _device(model)
-    targets = targets.to(dev)
-    out = torch.empty(inputs.shape[0], device=dev, dtype=torch.float32)
-    with torch.no_grad():
-        for i in range(0, inputs.shape[0], batch_size):
-            logits = model(inputs[i : i + batch_size].to(dev))
-            out[i : i + batch_size] = (
-                logits.float().softmax(-1).gather(1, targets[i : i + batch_size, None]).squeeze(1)
-            )
-    return out
+    return _Scorer(model, batch_size)(inputs.shape[0], lambda i, j: inputs[i:j].to(dev), targets.to(dev))
 
 
 def _reduce(values: torch.Tensor, per_image: bool) -> torch.Tensor | float:
