@@ -214,7 +214,6 @@ class _Scorer:
         self.model = model
         self.batch_size = batch_size
         self.progress = progress
-        self.forwards = 0
         self.device = _model_device(model)
         self.autocast_dtype = PRECISIONS[precision]
         fused = getattr(model, "forward_normalized", None)
@@ -226,7 +225,8 @@ class _Scorer:
         # first layer (the fused-normalisation case); otherwise in the model's own dtype.
         self.mask_dtype = (self.autocast_dtype if self.normalize is not None and self.autocast_dtype is not None
                            else _model_dtype(model))
-        self.channels_last = True  # explain_batch put the model in channels-last
+        # The last Linear (the head) stays float32 under autocast; found once, not per chunk.
+        self._head = next((m for m in reversed(list(model.modules())) if isinstance(m, nn.Linear)), None)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # a handful of fixed shapes, hundreds of forwards each
 
@@ -240,7 +240,7 @@ class _Scorer:
         if self.autocast_dtype is None:
             yield
             return
-        head = next((m for m in reversed(list(self.model.modules())) if isinstance(m, nn.Linear)), None)
+        head = self._head
         device_type = self.device.type
 
         def fp32_head(mod: nn.Module, inputs: tuple, _out: torch.Tensor) -> torch.Tensor:
@@ -267,10 +267,8 @@ class _Scorer:
             j = min(n, i + bs)
             try:
                 with torch.no_grad(), self._autocast():
-                    z = build(i, j)
-                    if self.channels_last:
-                        z = z.contiguous(memory_format=torch.channels_last)
-                    logits = forward(z)
+                    # Channels-last inputs for the channels-last convolutions explain_batch set up.
+                    logits = forward(build(i, j).contiguous(memory_format=torch.channels_last))
             except torch.OutOfMemoryError:
                 if bs == 1:
                     raise
@@ -279,7 +277,6 @@ class _Scorer:
                     torch.cuda.empty_cache()
                 continue
             out[i:j] = logits.float().softmax(-1).gather(1, targets[i:j, None]).squeeze(1)
-            self.forwards += j - i
             if self.progress is not None:
                 self.progress.update(j - i)
             i = j
@@ -598,7 +595,7 @@ def _explain_group(model: nn.Module, x: torch.Tensor, targets: list[int | None],
     else:
         baseline = black_probs(model, p.size, x.device, x.dtype)[p.targets]
         saliency, per_image = _unioncam(p, scorer, theta, baseline)
-    # One transfer for everything a result reports.
+    # Results reach the host once, at the end (no sync per chunk or per channel).
     saliency = saliency.float().cpu()
     target_l = p.targets.tolist()
     score_l = p.probs.gather(1, p.targets[:, None]).squeeze(1).tolist()
