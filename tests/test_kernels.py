@@ -8,6 +8,13 @@ Tolerances (kernel vs twin, both computing in float32):
   (``rtol=2**-7``), float16 likewise (``rtol=2**-10``), ``atol=1e-5`` for values rounding near zero.
 """
 
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -119,6 +126,55 @@ def test_masked_inputs_kernel_matches_twin(shape, size, dtype, normalize):
     got = masked_inputs_triton(*args, channels_last=dtype == torch.bfloat16)
     assert got.dtype == dtype and got.shape == want.shape
     torch.testing.assert_close(got.float(), want.float(), **MASK_TOL[dtype])
+
+
+def test_gpu_launch_configurations_match_twins(monkeypatch):
+    # The interpreter normally gets large blocks (it runs programs one by one); here each launcher picks
+    # the blocks it would pick on a GPU, so those exact tilings (partial blocks, padding rows) are checked.
+    denoise_mod = importlib.import_module("unioncam.kernels.denoise")  # the package's `denoise` is the function
+    masks_mod = importlib.import_module("unioncam.kernels.masks")
+
+    monkeypatch.setattr(denoise_mod, "INTERPRETED", False)
+    monkeypatch.setattr(masks_mod, "INTERPRETED", False)
+    assert denoise_mod.denoise_blocks(512, 196)[:2] == (4, 256)
+    assert masks_mod.range_blocks(224, 224)[:2] == (4, 512)
+    assert masks_mod.masked_blocks(224, 224)[:2] == (1, 1024)
+    gen = torch.Generator().manual_seed(11)
+    for shape, theta in (((2, 9, 14, 14), 10.0), ((1, 6, 33, 35), 50.0)):  # 3 blocks, 1 partial; wide rows
+        grads, acts = _gradients(gen, shape), torch.randn(shape, generator=gen)
+        want, got = denoise_torch(grads, acts, theta), denoise_triton(grads, acts, theta)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+        assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+    acts = torch.randn(2, 7, 5, 6, generator=gen)
+    images = torch.rand(2, 3, 45, 37, generator=gen)  # 1665 pixels: 4 pixel blocks of 512, 2 of 1024
+    lo, hi = upsampled_range_torch(acts, (45, 37))
+    lo_k, hi_k = upsampled_range_triton(acts, (45, 37))
+    torch.testing.assert_close(lo_k, lo, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(hi_k, hi, rtol=1e-6, atol=1e-6)
+    b_idx, k_idx = torch.tensor([1, 0, 1, 0, 1]), torch.tensor([6, 0, 2, 5, 6])
+    args = (images, acts, b_idx, k_idx, lo[b_idx, k_idx], hi[b_idx, k_idx], torch.bfloat16, (MEAN, STD))
+    got = masked_inputs_triton(*args, channels_last=True)
+    torch.testing.assert_close(got.float(), masked_inputs_torch(*args).float(), **MASK_TOL[torch.bfloat16])
+
+
+def test_kernels_compile_for_hopper(tmp_path):
+    # The interpreter never lowers a kernel. Triton's compiler can, without a GPU: every launch of a
+    # VGG16 explanation is built for sm_90 (H100/H200), and none may spill registers to the stack.
+    ptxas = Path(_triton.triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.is_file():
+        pytest.skip(f"this Triton install has no ptxas ({ptxas})")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1",
+           "TRITON_CACHE_DIR": str(tmp_path)}  # an empty cache: really compile
+    run = subprocess.run([sys.executable, "-m", "unioncam.kernels.compile_check", "--arch", "90", "--json"],
+                         capture_output=True, text=True, env=env, timeout=900,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0, run.stderr[-3000:]
+    built = json.loads(run.stdout)
+    assert {b["kernel"] for b in built} == {"denoise", "upsampled_range", "masked_inputs"}
+    assert len(built) == 9
+    for b in built:
+        assert b["cubin_bytes"] > 0 and b["registers"] is not None, b
+        assert b["registers"] <= 128 and b["stack_bytes"] == 0, b
 
 
 def test_masked_inputs_kernel_layout_and_empty():

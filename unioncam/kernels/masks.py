@@ -153,8 +153,28 @@ if HAS_TRITON:
             tl.store(out_ptr + o_base + c * s_oc, v.to(out_ptr.dtype.element_ty), mask=ok)
 
 
+def range_blocks(H: int, W: int, block_r: int | None = None, block_p: int | None = None) -> tuple[int, int, int]:
+    """``(BLOCK_R, BLOCK_P, num_warps)`` of an ``upsampled_range`` launch: channels × pixels per step.
+
+    GPU: 4 channels × 512 pixels, 4 warps — 72 registers a thread when compiled for sm_90, where
+    16 × 1024 took 255 and spilled. The interpreter runs programs one by one: 64 channels a program.
+    """
+    block_r = block_r or (64 if INTERPRETED else 4)
+    block_p = min(block_p or (1024 if INTERPRETED else 512), triton.next_power_of_2(H * W))
+    return block_r, block_p, 4
+
+
+def masked_blocks(H: int, W: int, block_r: int | None = None, block_p: int | None = None) -> tuple[int, int, int]:
+    """``(BLOCK_R, BLOCK_P, num_warps)`` of a ``masked_inputs`` launch: masked inputs × pixels per program.
+
+    GPU: one masked input × 1024 pixels, 4 warps — 72 registers a thread for sm_90 (4 × 1024 took 255).
+    The interpreter runs programs one by one: 32 inputs a program.
+    """
+    return block_r or (32 if INTERPRETED else 1), min(block_p or 1024, triton.next_power_of_2(H * W)), 4
+
+
 def upsampled_range_triton(
-    acts: torch.Tensor, size: tuple[int, int], block_r: int | None = None, block_p: int = 1024
+    acts: torch.Tensor, size: tuple[int, int], block_r: int | None = None, block_p: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Contract of :func:`upsampled_range_torch`; the up-sampled maps exist only tile by tile."""
     if not HAS_TRITON:
@@ -164,10 +184,10 @@ def upsampled_range_triton(
     a = acts.contiguous()
     lo = torch.empty(B * K, device=a.device, dtype=torch.float32)
     hi = torch.empty_like(lo)
-    block_r = block_r or (64 if INTERPRETED else 16)
-    block_p = min(block_p, triton.next_power_of_2(H * W))
+    block_r, block_p, num_warps = range_blocks(H, W, block_r, block_p)
     _range_kernel[(triton.cdiv(B * K, block_r),)](
-        a, lo, hi, B * K, h, w, H, W, _scale(h, H), _scale(w, W), BLOCK_R=block_r, BLOCK_P=block_p
+        a, lo, hi, B * K, h, w, H, W, _scale(h, H), _scale(w, W), BLOCK_R=block_r, BLOCK_P=block_p,
+        num_warps=num_warps,
     )
     return lo.view(B, K), hi.view(B, K)
 
@@ -183,7 +203,7 @@ def masked_inputs_triton(
     normalize: tuple[torch.Tensor, torch.Tensor] | None = None,
     channels_last: bool = False,
     block_r: int | None = None,
-    block_p: int = 1024,
+    block_p: int | None = None,
 ) -> torch.Tensor:
     """Contract of :func:`masked_inputs_torch`, built straight into ``out_dtype``.
 
@@ -206,13 +226,12 @@ def masked_inputs_triton(
         std = normalize[1].reshape(-1).to(device=x.device, dtype=torch.float32).expand(3).contiguous()
     else:
         mean = std = lo  # never read: NORMALIZE is a compile-time False
-    block_r = block_r or (32 if INTERPRETED else 4)
-    block_p = min(block_p, triton.next_power_of_2(H * W))
+    block_r, block_p, num_warps = masked_blocks(H, W, block_r, block_p)
     grid = (triton.cdiv(n, block_r), triton.cdiv(H * W, block_p))
     _masked_kernel[grid](
         x, acts.contiguous(), image_idx.contiguous(), channel_idx.contiguous(), lo.contiguous(),
         hi.contiguous(), mean, std, out, n, K, h, w, H, W, _scale(h, H), _scale(w, W), *out.stride(),
-        NORMALIZE=normalize is not None, BLOCK_R=block_r, BLOCK_P=block_p,
+        NORMALIZE=normalize is not None, BLOCK_R=block_r, BLOCK_P=block_p, num_warps=num_warps,
     )
     return out
 
