@@ -216,7 +216,9 @@ class _Runner(nn.Module):
 class _Scorer:
     """Scores inputs ``f_c(z)`` in chunks of ``batch_size``; fp32 softmax; no host sync per chunk.
 
-    ``precision`` other than fp32 runs the masked forwards under autocast; the softmax stays float32.
+    ``precision`` other than fp32 runs the masked forwards under autocast, with the conv/linear weights
+    cast once per scorer rather than on every forward; the head and the softmax stay float32, and a
+    call with ``fp32=True`` runs wholly in float32.
     The model runs channels-last (with cuDNN autotuning on CUDA). When the model offers
     ``forward_normalized`` (and its ``mean``/``std``), the mask kernels normalise as they build the
     inputs and :attr:`normalize` says so.
@@ -685,7 +687,8 @@ def explain(
         device: move the model there first; ``None`` → where the model is.
         progress: show a progress bar over masked forwards.
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``: the autocast dtype of the masked forwards
-            (the gradient pass and every softmax stay float32).
+            (the gradient pass, the model's head, every softmax and UnionCAM's three β forwards stay
+            float32).
 
     Returns:
         :class:`Explanation`.
