@@ -9,7 +9,7 @@ margin (``|β_union − β_region| > 0.01``). Models:
   (seed 1, the evaluation's held-out set), 64×64;
 - ``tiny``: 12 seeded random tiny CNNs (the test suite's, pre-ReLU layer, sharp softmax) × 16 noise
   images, 32×32 — a hard case with many near-ties;
-- ``vgg16``: ``unioncam.load_vgg16(--weights)`` on the sample photos and noise images.
+- ``vgg16``: ``unioncam.load_vgg16(--weights)`` on the two sample photos, then seeded noise images.
 
     python benchmarks/bench_precision.py --model shapes --images 200
     python benchmarks/bench_precision.py --model tiny
@@ -69,7 +69,11 @@ def _workloads(args: argparse.Namespace, device: torch.device) -> Iterator[tuple
                    [torch.rand(3, size, size, generator=g) for _ in range(n)])
     else:
         model = unioncam.load_vgg16(args.weights, seed=args.seed, device=device)
-        yield f"VGG16 ({args.weights})", model, _images(args.images or 8, args.size or 224, args.seed)
+        n, size = args.images or 8, args.size or 224
+        photos = _images(min(n, 2), size, args.seed)  # the two sample photos, then seeded noise
+        g = torch.Generator().manual_seed(args.seed)
+        yield f"VGG16 ({args.weights})", model, photos + [torch.rand(3, size, size, generator=g)
+                                                          for _ in range(n - len(photos))]
 
 
 def measure(args: argparse.Namespace) -> dict:
