@@ -368,11 +368,15 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if device.type != "cuda":
         result["gpu"] = "not measured: no GPU was available for this run"
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"latency-{device.type}-{args.size}.json"
+    default = ROOT / "benchmarks" / "results" / f"latency-{device.type}-{args.size}.json"
+    write_json(Path(args.out) if args.out else default, result)
+    return result
+
+
+def write_json(out: Path, result: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
-    return result
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ Writes a JSON (device, versions, settings, per-image values) to ``benchmarks/res
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from collections.abc import Iterator
@@ -33,10 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from bench_latency import _device_name, _git_commit, _images, _versions, write_json  # noqa: E402
+
 import unioncam  # noqa: E402
 from unioncam.engine import PRECISIONS  # noqa: E402
-
-from bench_latency import _device_name, _git_commit, _images, _versions  # noqa: E402
 
 MARGIN = 0.01
 
@@ -57,23 +56,32 @@ def _workloads(args: argparse.Namespace, device: torch.device) -> Iterator[tuple
         from unioncam.groundtruth import load_shapes_cnn, make_sample
 
         n = args.images or 200
-        yield "ShapesCNN (trained), held-out", load_shapes_cnn(device=device), [
-            make_sample(1, i, args.size or 64).image for i in range(n)]
+        yield (
+            "ShapesCNN (trained), held-out",
+            load_shapes_cnn(device=device),
+            [make_sample(1, i, args.size or 64).image for i in range(n)],
+        )
     elif args.model == "tiny":
         from tests.conftest import make_tiny_cnn
 
         n, size = args.images or 16, args.size or 32
         for seed in range(args.models):
             g = torch.Generator().manual_seed(1000 + seed)
-            yield (f"tiny CNN seed {seed}", make_tiny_cnn(seed=seed).to(device),
-                   [torch.rand(3, size, size, generator=g) for _ in range(n)])
+            yield (
+                f"tiny CNN seed {seed}",
+                make_tiny_cnn(seed=seed).to(device),
+                [torch.rand(3, size, size, generator=g) for _ in range(n)],
+            )
     else:
         model = unioncam.load_vgg16(args.weights, seed=args.seed, device=device)
         n, size = args.images or 8, args.size or 224
         photos = _images(min(n, 2), size, args.seed)  # the two sample photos, then seeded noise
         g = torch.Generator().manual_seed(args.seed)
-        yield f"VGG16 ({args.weights})", model, photos + [torch.rand(3, size, size, generator=g)
-                                                          for _ in range(n - len(photos))]
+        yield (
+            f"VGG16 ({args.weights})",
+            model,
+            photos + [torch.rand(3, size, size, generator=g) for _ in range(n - len(photos))],
+        )
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -85,22 +93,35 @@ def measure(args: argparse.Namespace) -> dict:
     for label, model, images in _workloads(args, device):
         full = unioncam.explain_batch(model, images, method=args.method, batch_size=args.batch_size)
         for prec in precisions:
-            half = unioncam.explain_batch(model, images, method=args.method, precision=prec,
-                                          batch_size=args.batch_size)
+            half = unioncam.explain_batch(
+                model, images, method=args.method, precision=prec, batch_size=args.batch_size
+            )
             for i, (a, b) in enumerate(zip(full, half)):
-                row = {"group": label, "image": i, "precision": prec, "target": a.target,
-                       "pearson": pearson(a.saliency, b.saliency),
-                       "max_abs_diff": float((a.saliency - b.saliency).abs().max())}
+                row = {
+                    "group": label,
+                    "image": i,
+                    "precision": prec,
+                    "target": a.target,
+                    "pearson": pearson(a.saliency, b.saliency),
+                    "max_abs_diff": float((a.saliency - b.saliency).abs().max()),
+                }
                 if "selected" in a.details:
-                    row.update(selected_fp32=a.details["selected"], selected=b.details["selected"],
-                               margin=abs(a.details["beta_union"] - a.details["beta_region"]))
+                    row.update(
+                        selected_fp32=a.details["selected"],
+                        selected=b.details["selected"],
+                        margin=abs(a.details["beta_union"] - a.details["beta_region"]),
+                    )
                 rows.append(row)
         print(f"{label}: {len(images)} images done", flush=True)
     summary = {p: _summary([r for r in rows if r["precision"] == p]) for p in precisions}
     return {
-        "device": _device_name(device), "versions": _versions(), "commit": _git_commit(),
+        "device": _device_name(device),
+        "device_type": device.type,
+        "versions": _versions(),
+        "commit": _git_commit(),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
-        "summary": summary, "rows": rows,
+        "summary": summary,
+        "rows": rows,
     }
 
 
@@ -129,16 +150,22 @@ def _summary(rows: list[dict]) -> dict:
 
 def _print(result: dict) -> None:
     print(f"\n{result['device']}, method {result['settings']['method']}")
-    print("| precision | images | Pearson median / min | Pearson ≥ 0.999 | max abs diff | `selected` agrees |")
+    print(
+        "| precision | images | Pearson median / min | Pearson ≥ 0.999 | max abs diff | `selected` agrees |"
+    )
     print("|---|---|---|---|---|---|")
     for prec, s in result["summary"].items():
         pm = "—" if s["pearson_median"] is None else f"{s['pearson_median']:.5f} / {s['pearson_min']:.4f}"
         agree = "—"
         if "selected_agree" in s:
-            agree = (f"{s['selected_agree']}/{s['images']} ({s['selected_agree_pct']:.1f} %); "
-                     f"{s['selected_agree_margin_gt_001']}/{s['margin_gt_001']} where margin > {MARGIN}")
-        print(f"| {prec} | {s['images']} | {pm} | {s['pearson_ge_0999']}/{s['pearson_defined']} | "
-              f"{s['max_abs_diff']:.2e} | {agree} |")
+            agree = (
+                f"{s['selected_agree']}/{s['images']} ({s['selected_agree_pct']:.1f} %); "
+                f"{s['selected_agree_margin_gt_001']}/{s['margin_gt_001']} where margin > {MARGIN}"
+            )
+        print(
+            f"| {prec} | {s['images']} | {pm} | {s['pearson_ge_0999']}/{s['pearson_defined']} | "
+            f"{s['max_abs_diff']:.2e} | {agree} |"
+        )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -154,17 +181,21 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default=None)
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/precision-<model>-<device>.json)")
+    ap.add_argument(
+        "--out", default=None, help="JSON path (default: benchmarks/results/precision-<model>-<device>.json)"
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     result = measure(args)
     _print(result)
-    dev = "cuda" if "cpu" not in result["device"].lower() else "cpu"
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"precision-{args.model}-{dev}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+    write_json(
+        Path(
+            args.out
+            or ROOT / "benchmarks" / "results" / f"precision-{args.model}-{result['device_type']}.json"
+        ),
+        result,
+    )
     return result
 
 

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
+import unioncam
 from unioncam.kernels import _triton
 from unioncam.kernels.denoise import denoise_torch, denoise_triton
 from unioncam.kernels.masks import (
@@ -26,6 +28,12 @@ from unioncam.kernels.masks import (
     upsampled_range_torch,
     upsampled_range_triton,
 )
+
+from .conftest import make_tiny_cnn
+
+# The package re-exports functions named like these modules; the modules themselves are what dispatch.
+denoise_mod = importlib.import_module("unioncam.kernels.denoise")
+masks_mod = importlib.import_module("unioncam.kernels.masks")
 
 pytestmark = pytest.mark.skipif(not _triton.HAS_TRITON, reason="triton is not installed")
 
@@ -131,9 +139,6 @@ def test_masked_inputs_kernel_matches_twin(shape, size, dtype, normalize):
 def test_gpu_launch_configurations_match_twins(monkeypatch):
     # The interpreter normally gets large blocks (it runs programs one by one); here each launcher picks
     # the blocks it would pick on a GPU, so those exact tilings (partial blocks, padding rows) are checked.
-    denoise_mod = importlib.import_module("unioncam.kernels.denoise")  # the package's `denoise` is the function
-    masks_mod = importlib.import_module("unioncam.kernels.masks")
-
     monkeypatch.setattr(denoise_mod, "INTERPRETED", False)
     monkeypatch.setattr(masks_mod, "INTERPRETED", False)
     assert denoise_mod.denoise_blocks(512, 196)[:2] == (4, 256)
@@ -196,18 +201,6 @@ def test_dispatch_uses_torch_for_cpu_tensors():
 
 # ------------------------------------------------------------------ the engine with kernels dispatched on
 
-import importlib  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-from torch import nn  # noqa: E402
-
-import unioncam  # noqa: E402
-# The package re-exports functions named like these modules; the modules themselves are what dispatch.
-denoise_mod = importlib.import_module("unioncam.kernels.denoise")
-masks_mod = importlib.import_module("unioncam.kernels.masks")
-
-from .conftest import make_tiny_cnn  # noqa: E402
 
 
 class NormalizedTiny(nn.Module):

@@ -11,11 +11,12 @@ at least 15 of 16 images and ≥ 0.99 on all. Measured figures over more images 
 import pytest
 import torch
 import torch.nn.functional as F
-from .conftest import make_tiny_cnn
-from .test_kernels import NormalizedTiny
 
 import unioncam
 from unioncam.engine import _Scorer
+
+from .conftest import make_tiny_cnn
+from .test_kernels import NormalizedTiny
 
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:

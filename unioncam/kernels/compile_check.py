@@ -52,46 +52,114 @@ def _cases() -> list[tuple[str, object, dict[str, str], dict[str, object], int, 
 
     out = []
     # AMD on VGG16's features.29 (512 × 14 × 14) and on an early, larger layer (64 × 56 × 56).
-    dsig = {"g_ptr": "*fp32", "a_ptr": "*fp32", "cam_ptr": "*fp32", "count_ptr": "*i32", "K": "i32", "HW": "i32", "rank_lo": "i32", "rank_hi": "i32",
-            "weight": "fp32", "BLOCK_K": "constexpr", "BLOCK_N": "constexpr"}
+    dsig = {
+        "g_ptr": "*fp32",
+        "a_ptr": "*fp32",
+        "cam_ptr": "*fp32",
+        "count_ptr": "*i32",
+        "K": "i32",
+        "HW": "i32",
+        "rank_lo": "i32",
+        "rank_hi": "i32",
+        "weight": "fp32",
+        "BLOCK_K": "constexpr",
+        "BLOCK_N": "constexpr",
+    }
     for K, h in ((512, 14), (64, 56)):
         bk, bn, nw = denoise_blocks(K, h * h)
-        out.append(("denoise", _denoise_kernel, dsig, {"BLOCK_K": bk, "BLOCK_N": bn}, nw,
-                    f"K={K} hw={h}x{h} BLOCK_K={bk} BLOCK_N={bn}"))
+        out.append(
+            (
+                "denoise",
+                _denoise_kernel,
+                dsig,
+                {"BLOCK_K": bk, "BLOCK_N": bn},
+                nw,
+                f"K={K} hw={h}x{h} BLOCK_K={bk} BLOCK_N={bn}",
+            )
+        )
     br, bp, nw = range_blocks(224, 224)
-    rsig = {"a_ptr": "*fp32", "lo_ptr": "*fp32", "hi_ptr": "*fp32", "R": "i32", "h": "i32", "w": "i32",
-            "H": "i32", "W": "i32", "scale_h": "fp32", "scale_w": "fp32", "BLOCK_R": "constexpr",
-            "BLOCK_P": "constexpr"}
-    out.append(("upsampled_range", _range_kernel, rsig, {"BLOCK_R": br, "BLOCK_P": bp}, nw,
-                f"224x224 BLOCK_R={br} BLOCK_P={bp}"))
+    rsig = {
+        "a_ptr": "*fp32",
+        "lo_ptr": "*fp32",
+        "hi_ptr": "*fp32",
+        "R": "i32",
+        "h": "i32",
+        "w": "i32",
+        "H": "i32",
+        "W": "i32",
+        "scale_h": "fp32",
+        "scale_w": "fp32",
+        "BLOCK_R": "constexpr",
+        "BLOCK_P": "constexpr",
+    }
+    out.append(
+        (
+            "upsampled_range",
+            _range_kernel,
+            rsig,
+            {"BLOCK_R": br, "BLOCK_P": bp},
+            nw,
+            f"224x224 BLOCK_R={br} BLOCK_P={bp}",
+        )
+    )
     br, bp, nw = masked_blocks(224, 224)
     for out_ty in ("fp32", "bf16", "fp16"):
         for normalize in (True, False):
-            msig = {"x_ptr": "*fp32", "a_ptr": "*fp32", "bi_ptr": "*i64", "ki_ptr": "*i64", "lo_ptr": "*fp32",
-                    "hi_ptr": "*fp32", "mean_ptr": "*fp32", "std_ptr": "*fp32", "out_ptr": f"*{out_ty}",
-                    **{k: "i32" for k in ("n", "K", "h", "w", "H", "W")}, "scale_h": "fp32", "scale_w": "fp32",
-                    **{k: "i32" for k in ("s_on", "s_oc", "s_oh", "s_ow")},
-                    "NORMALIZE": "constexpr", "BLOCK_R": "constexpr", "BLOCK_P": "constexpr"}
-            out.append(("masked_inputs", _masked_kernel, msig,
-                        {"NORMALIZE": normalize, "BLOCK_R": br, "BLOCK_P": bp}, nw,
-                        f"out={out_ty} normalize={normalize} BLOCK_R={br} BLOCK_P={bp}"))
+            msig = {
+                "x_ptr": "*fp32",
+                "a_ptr": "*fp32",
+                "bi_ptr": "*i64",
+                "ki_ptr": "*i64",
+                "lo_ptr": "*fp32",
+                "hi_ptr": "*fp32",
+                "mean_ptr": "*fp32",
+                "std_ptr": "*fp32",
+                "out_ptr": f"*{out_ty}",
+                **{k: "i32" for k in ("n", "K", "h", "w", "H", "W")},
+                "scale_h": "fp32",
+                "scale_w": "fp32",
+                **{k: "i32" for k in ("s_on", "s_oc", "s_oh", "s_ow")},
+                "NORMALIZE": "constexpr",
+                "BLOCK_R": "constexpr",
+                "BLOCK_P": "constexpr",
+            }
+            out.append(
+                (
+                    "masked_inputs",
+                    _masked_kernel,
+                    msig,
+                    {"NORMALIZE": normalize, "BLOCK_R": br, "BLOCK_P": bp},
+                    nw,
+                    f"out={out_ty} normalize={normalize} BLOCK_R={br} BLOCK_P={bp}",
+                )
+            )
     return out
 
 
 def _resource_usage(cubin: bytes) -> dict[str, int]:
     """Registers and spills of a cubin, read by the ``cuobjdump`` that ships with Triton (if any)."""
-    tool = next((p for p in (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump",)
-                 if p.is_file()), None) or shutil.which("cuobjdump")
+    tool = next(
+        (
+            p
+            for p in (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump",)
+            if p.is_file()
+        ),
+        None,
+    ) or shutil.which("cuobjdump")
     if tool is None:
         return {}
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True,
-                              text=True).stdout
+        text = subprocess.run(
+            [str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True
+        ).stdout
     found = {}
-    for key, pattern in (("registers", r"REG:(\d+)"), ("stack_bytes", r"STACK:(\d+)"),
-                         ("local_bytes", r"LOCAL:(\d+)")):
+    for key, pattern in (
+        ("registers", r"REG:(\d+)"),
+        ("stack_bytes", r"STACK:(\d+)"),
+        ("local_bytes", r"LOCAL:(\d+)"),
+    ):
         m = re.search(pattern, text)
         if m:
             found[key] = int(m.group(1))
@@ -103,18 +171,31 @@ def compile_all(arch: int = 90) -> list[Built]:
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed")
     if INTERPRETED:
-        raise RuntimeError("TRITON_INTERPRET=1 makes kernels interpreter functions: run with TRITON_INTERPRET=0")
+        raise RuntimeError(
+            "TRITON_INTERPRET=1 makes kernels interpreter functions: run with TRITON_INTERPRET=0"
+        )
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     built = []
     for name, fn, sig, consts, num_warps, config in _cases():
         t0 = time.perf_counter()
-        k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", arch, 32),
-                           options={"num_warps": num_warps})
+        k = triton.compile(
+            ASTSource(fn, sig, consts), target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps}
+        )
         cubin = k.asm["cubin"]
-        built.append(Built(name, f"{config} warps={num_warps}", arch, time.perf_counter() - t0,
-                           len(k.asm["ptx"]), len(cubin), int(k.metadata.shared), **_resource_usage(cubin)))
+        built.append(
+            Built(
+                name,
+                f"{config} warps={num_warps}",
+                arch,
+                time.perf_counter() - t0,
+                len(k.asm["ptx"]),
+                len(cubin),
+                int(k.metadata.shared),
+                **_resource_usage(cubin),
+            )
+        )
     return built
 
 
@@ -128,12 +209,16 @@ def main(argv: list[str] | None = None) -> list[Built]:
         print(json.dumps([asdict(b) for b in built], indent=1))
     else:
         print(f"triton {triton.__version__}, sm_{args.arch}")
-        print(f"{'kernel':16} {'config':56} {'regs':>5} {'stack/local B':>14} {'smem B':>7} {'cubin B':>8} {'s':>5}")
+        print(
+            f"{'kernel':16} {'config':56} {'regs':>5} {'stack/local B':>14} {'smem B':>7} {'cubin B':>8} {'s':>5}"
+        )
         for b in built:
             spills = "?" if b.stack_bytes is None else f"{b.stack_bytes}/{b.local_bytes}"
             regs = "?" if b.registers is None else b.registers
-            print(f"{b.kernel:16} {b.config:56} {regs:>5} {spills:>14} {b.shared_bytes:>7} {b.cubin_bytes:>8} "
-                  f"{b.seconds:5.1f}")
+            print(
+                f"{b.kernel:16} {b.config:56} {regs:>5} {spills:>14} {b.shared_bytes:>7} {b.cubin_bytes:>8} "
+                f"{b.seconds:5.1f}"
+            )
     return built
 
 
