@@ -8,6 +8,7 @@ Tolerances (kernel vs twin, both computing in float32):
   (``rtol=2**-7``), float16 likewise (``rtol=2**-10``), ``atol=1e-5`` for values rounding near zero.
 """
 
+import copy
 import importlib
 import json
 import os
@@ -21,19 +22,43 @@ from torch import nn
 
 import unioncam
 from unioncam.kernels import _triton
-from unioncam.kernels.denoise import denoise_torch, denoise_triton
-from unioncam.kernels.masks import (
-    masked_inputs_torch,
-    masked_inputs_triton,
-    upsampled_range_torch,
-    upsampled_range_triton,
-)
+from unioncam.kernels.denoise import denoise_torch
+from unioncam.kernels.masks import masked_inputs_torch, upsampled_range_torch
 
 from .conftest import make_tiny_cnn
 
 # The package re-exports functions named like these modules; the modules themselves are what dispatch.
 denoise_mod = importlib.import_module("unioncam.kernels.denoise")
 masks_mod = importlib.import_module("unioncam.kernels.masks")
+
+#: Where the kernels run. Default: CPU tensors through Triton's interpreter. On a GPU machine:
+#: ``UNIONCAM_TEST_DEVICE=cuda TRITON_INTERPRET=0 pytest tests/test_kernels.py`` runs the same tests
+#: on compiled kernels (inputs made on the CPU, moved there; results brought back to compare).
+DEVICE = torch.device(os.environ.get("UNIONCAM_TEST_DEVICE", "cpu"))
+if DEVICE.type == "cuda" and _triton.INTERPRETED:
+    raise RuntimeError("UNIONCAM_TEST_DEVICE=cuda needs TRITON_INTERPRET=0: the interpreter compiles nothing")
+
+
+def _on_device(kernel):
+    """``kernel`` called with every tensor argument on :data:`DEVICE`, its results back on the CPU."""
+
+    def move(x, where):
+        if isinstance(x, torch.Tensor):
+            return x.to(where)
+        if isinstance(x, tuple):
+            return tuple(move(v, where) for v in x)
+        return x
+
+    def run(*args, **kwargs):
+        out = kernel(*(move(a, DEVICE) for a in args), **{k: move(v, DEVICE) for k, v in kwargs.items()})
+        return move(out, "cpu")
+
+    return run
+
+
+denoise_triton = _on_device(denoise_mod.denoise_triton)
+upsampled_range_triton = _on_device(masks_mod.upsampled_range_triton)
+masked_inputs_triton = _on_device(masks_mod.masked_inputs_triton)
 
 pytestmark = pytest.mark.skipif(not _triton.HAS_TRITON, reason="triton is not installed")
 
@@ -202,7 +227,6 @@ def test_dispatch_uses_torch_for_cpu_tensors():
 # ------------------------------------------------------------------ the engine with kernels dispatched on
 
 
-
 class NormalizedTiny(nn.Module):
     """A pixel-space tiny CNN that, like PixelVGG16, normalises first and offers ``forward_normalized``."""
 
@@ -222,7 +246,7 @@ class NormalizedTiny(nn.Module):
 
 
 def _route_to_kernels(monkeypatch) -> dict[str, int]:
-    """Route every op to its Triton kernel (interpreted on CPU) and count the launches."""
+    """Route every op to its Triton kernel (CPU tensors: interpreted) and count the launches."""
     calls = {"denoise": 0, "range": 0, "masked": 0}
 
     def counted(name, fn):
@@ -232,8 +256,9 @@ def _route_to_kernels(monkeypatch) -> dict[str, int]:
 
         return wrapper
 
-    for mod in (denoise_mod, masks_mod):
-        monkeypatch.setattr(mod, "use_triton", lambda *tensors: True)
+    if DEVICE.type == "cpu":  # on a GPU, dispatch picks the kernels for CUDA tensors by itself
+        for mod in (denoise_mod, masks_mod):
+            monkeypatch.setattr(mod, "use_triton", lambda *tensors: True)
     monkeypatch.setattr(denoise_mod, "denoise_triton", counted("denoise", denoise_mod.denoise_triton))
     monkeypatch.setattr(masks_mod, "upsampled_range_triton", counted("range", masks_mod.upsampled_range_triton))
     monkeypatch.setattr(masks_mod, "masked_inputs_triton", counted("masked", masks_mod.masked_inputs_triton))
@@ -247,14 +272,14 @@ def test_engine_with_kernels_matches_engine_with_twins(method, normalized, monke
     images = [torch.rand(3, 21, 18, generator=gen) for _ in range(2)]
     twins = unioncam.explain_batch(model, images, method=method, batch_size=7)
     calls = _route_to_kernels(monkeypatch)
-    fused = unioncam.explain_batch(model, images, method=method, batch_size=7)
+    fused = unioncam.explain_batch(copy.deepcopy(model).to(DEVICE), images, method=method, batch_size=7)
     assert calls["range"] >= 1 and calls["masked"] >= 1 and calls["denoise"] == (method == "unioncam")
     for a, b in zip(twins, fused):
         assert a.target == b.target
         # The spec's fast-path tolerance: ≤ 1e-4 on [0, 1] maps, same selection. Kernel rounding (~1e-7 on
         # the masked inputs) moves this model's sharp softmax scores by ~1e-6, and the union map's
         # normalisation can amplify that to ~3e-5 where β_den·Lh_den and β_reg·Lh_reg nearly cancel.
-        torch.testing.assert_close(b.saliency, a.saliency, rtol=0, atol=1e-4)
+        torch.testing.assert_close(b.saliency.cpu(), a.saliency, rtol=0, atol=1e-4)
         assert a.details["active_channels"] == b.details["active_channels"]
         if method == "unioncam":
             assert a.details["selected"] == b.details["selected"]
