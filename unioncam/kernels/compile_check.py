@@ -41,98 +41,45 @@ class Built:
     local_bytes: int | None = None
 
 
+def _signature(fn: object, consts: dict[str, object], **types: str) -> dict[str, str]:
+    """Signature of ``fn``: ``types`` for named arguments, ``constexpr`` for ``consts``, else ``i32``."""
+    names = fn.arg_names  # type: ignore[attr-defined]
+    return {a: "constexpr" if a in consts else types.get(a, "i32") for a in names}
+
+
 def _cases() -> list[tuple[str, object, dict[str, str], dict[str, object], int, str]]:
-    """``(name, jit function, signature, constexprs, num_warps, config)``: the launches of a VGG16 explanation.
+    """``(name, jit function, signature, constexprs, num_warps, config)``: a VGG16 explanation's launches.
 
     Block sizes and warps come from the launchers' own rules (``*_blocks``), so what is checked is
-    what runs.
+    what runs. Integers the launchers pass are ``i32``; pointers and floats are named.
     """
     from .denoise import _denoise_kernel, denoise_blocks
     from .masks import _masked_kernel, _range_kernel, masked_blocks, range_blocks
 
+    f32 = "*fp32"
     out = []
     # AMD on VGG16's features.29 (512 × 14 × 14) and on an early, larger layer (64 × 56 × 56).
-    dsig = {
-        "g_ptr": "*fp32",
-        "a_ptr": "*fp32",
-        "cam_ptr": "*fp32",
-        "count_ptr": "*i32",
-        "K": "i32",
-        "HW": "i32",
-        "rank_lo": "i32",
-        "rank_hi": "i32",
-        "weight": "fp32",
-        "BLOCK_K": "constexpr",
-        "BLOCK_N": "constexpr",
-    }
     for K, h in ((512, 14), (64, 56)):
         bk, bn, nw = denoise_blocks(K, h * h)
-        out.append(
-            (
-                "denoise",
-                _denoise_kernel,
-                dsig,
-                {"BLOCK_K": bk, "BLOCK_N": bn},
-                nw,
-                f"K={K} hw={h}x{h} BLOCK_K={bk} BLOCK_N={bn}",
-            )
-        )
+        consts = {"BLOCK_K": bk, "BLOCK_N": bn}
+        sig = _signature(_denoise_kernel, consts, g_ptr=f32, a_ptr=f32, cam_ptr=f32, count_ptr="*i32",
+                         weight="fp32")
+        config = f"K={K} hw={h}x{h} BLOCK_K={bk} BLOCK_N={bn}"
+        out.append(("denoise", _denoise_kernel, sig, consts, nw, config))
     br, bp, nw = range_blocks(224, 224)
-    rsig = {
-        "a_ptr": "*fp32",
-        "lo_ptr": "*fp32",
-        "hi_ptr": "*fp32",
-        "R": "i32",
-        "h": "i32",
-        "w": "i32",
-        "H": "i32",
-        "W": "i32",
-        "scale_h": "fp32",
-        "scale_w": "fp32",
-        "BLOCK_R": "constexpr",
-        "BLOCK_P": "constexpr",
-    }
-    out.append(
-        (
-            "upsampled_range",
-            _range_kernel,
-            rsig,
-            {"BLOCK_R": br, "BLOCK_P": bp},
-            nw,
-            f"224x224 BLOCK_R={br} BLOCK_P={bp}",
-        )
-    )
+    consts = {"BLOCK_R": br, "BLOCK_P": bp}
+    sig = _signature(_range_kernel, consts, a_ptr=f32, lo_ptr=f32, hi_ptr=f32, scale_h="fp32", scale_w="fp32")
+    out.append(("upsampled_range", _range_kernel, sig, consts, nw, f"224x224 BLOCK_R={br} BLOCK_P={bp}"))
     br, bp, nw = masked_blocks(224, 224)
     for out_ty in ("fp32", "bf16", "fp16"):
         for normalize in (True, False):
-            msig = {
-                "x_ptr": "*fp32",
-                "a_ptr": "*fp32",
-                "bi_ptr": "*i64",
-                "ki_ptr": "*i64",
-                "lo_ptr": "*fp32",
-                "hi_ptr": "*fp32",
-                "mean_ptr": "*fp32",
-                "std_ptr": "*fp32",
-                "out_ptr": f"*{out_ty}",
-                **{k: "i32" for k in ("n", "K", "h", "w", "H", "W")},
-                "scale_h": "fp32",
-                "scale_w": "fp32",
-                **{k: "i32" for k in ("s_on", "s_oc", "s_oh", "s_ow")},
-                "NORMALIZE": "constexpr",
-                "BLOCK_R": "constexpr",
-                "BLOCK_P": "constexpr",
-            }
-            out.append(
-                (
-                    "masked_inputs",
-                    _masked_kernel,
-                    msig,
-                    {"NORMALIZE": normalize, "BLOCK_R": br, "BLOCK_P": bp},
-                    nw,
-                    f"out={out_ty} normalize={normalize} BLOCK_R={br} BLOCK_P={bp}",
-                )
+            consts = {"NORMALIZE": normalize, "BLOCK_R": br, "BLOCK_P": bp}
+            sig = _signature(
+                _masked_kernel, consts, x_ptr=f32, a_ptr=f32, bi_ptr="*i64", ki_ptr="*i64", lo_ptr=f32,
+                hi_ptr=f32, mean_ptr=f32, std_ptr=f32, out_ptr=f"*{out_ty}", scale_h="fp32", scale_w="fp32",
             )
+            out.append(("masked_inputs", _masked_kernel, sig, consts, nw,
+                        f"out={out_ty} normalize={normalize} BLOCK_R={br} BLOCK_P={bp}"))
     return out
 
 
