@@ -91,12 +91,14 @@ def test_weights_cast_once_score_exactly_as_plain_autocast(precision, dtype, nor
     model = NormalizedTiny(seed=7) if normalized else make_tiny_cnn(seed=7)
     net = model.net if normalized else model
     scorer = _Scorer(model, batch_size=5, precision=precision)
-    assert set(scorer._low_params) == {f"model.{'net.' if normalized else ''}{n}"
-                                       for n in ("conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias")}
     g = torch.Generator().manual_seed(3)
     x = torch.rand(13, 3, 24, 20, generator=g)
     targets = torch.randint(0, 10, (13,), generator=g)
+    scorer(2, lambda i, j: x[i:j], targets, normalized=normalized, fp32=True)
+    assert "_low_params" not in vars(scorer)  # float32 forwards cast nothing
     got = scorer(13, lambda i, j: x[i:j], targets, normalized=normalized)
+    assert set(scorer._low_params) == {f"model.{'net.' if normalized else ''}{n}"
+                                       for n in ("conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias")}
 
     with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
         h = net.pool(torch.relu(net.conv1(x)))

@@ -9,6 +9,7 @@ UnionCAM that this file is tested against.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 import weakref
@@ -240,14 +241,17 @@ class _Scorer:
                            else _model_dtype(model))
         # The last Linear (the head) stays float32 under autocast; found once, not per chunk.
         self._head = next((m for m in reversed(list(model.modules())) if isinstance(m, nn.Linear)), None)
-        self._low_params = self._cast_once() if self.autocast_dtype is not None else {}
         self._runners = {False: _Runner(model, "forward"),
                          True: _Runner(model, "forward_normalized") if self.normalize is not None else None}
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # a handful of fixed shapes, hundreds of forwards each
 
-    def _cast_once(self) -> dict[str, torch.Tensor]:
+    @functools.cached_property
+    def _low_params(self) -> dict[str, torch.Tensor]:
         """The convolutions' and linear layers' weights and biases (the head's excepted), in the autocast dtype.
+
+        Made on the first half-precision forward, so a scorer that never runs one (the gradient
+        methods, fp32) casts nothing.
 
         Autocast runs these layers in the low dtype and casts their float32 parameters on every call
         (it caches casts only of parameters that require grad): for VGG16 138 M values per chunk, about
@@ -298,7 +302,7 @@ class _Scorer:
         """
         runner = self._runners[normalized]
         assert runner is not None, "normalized inputs need a model with forward_normalized"
-        params = {} if fp32 else self._low_params
+        params = {} if fp32 or self.autocast_dtype is None else self._low_params
         out = torch.empty(n, device=targets.device, dtype=torch.float32)
         i, bs = 0, self.batch_size
         while i < n:
