@@ -34,7 +34,7 @@ if os.path.isdir(os.path.join(_HERE, "unioncam")):
 import torch  # noqa: E402
 
 import unioncam  # noqa: E402
-from unioncam.engine import METHODS, black_probs, validate_method, validate_precision, validate_theta  # noqa: E402
+from unioncam.engine import black_probs, validate_method, validate_precision, validate_theta  # noqa: E402
 from unioncam.errors import InvalidInputError  # noqa: E402
 
 FORMATS = ("json", "png")

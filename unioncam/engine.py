@@ -557,12 +557,6 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def _to_python(v: Any) -> Any:
-    if isinstance(v, torch.Tensor):
-        v = v.item()
-    return v
-
-
 def explain_batch(
     model: nn.Module,
     images: Sequence[torch.Tensor | Image.Image],
