@@ -84,23 +84,15 @@ def _cases() -> list[tuple[str, object, dict[str, str], dict[str, object], int, 
 
 
 def _resource_usage(cubin: bytes) -> dict[str, int]:
-    """Registers and spills of a cubin, read by the ``cuobjdump`` that ships with Triton (if any)."""
-    tool = next(
-        (
-            p
-            for p in (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump",)
-            if p.is_file()
-        ),
-        None,
-    ) or shutil.which("cuobjdump")
+    """Registers, stack and local memory of a cubin, read by ``cuobjdump`` (Triton's own, else on PATH)."""
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    tool = str(bundled) if bundled.is_file() else shutil.which("cuobjdump")
     if tool is None:
         return {}
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run(
-            [str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True
-        ).stdout
+        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
     found = {}
     for key, pattern in (
         ("registers", r"REG:(\d+)"),
