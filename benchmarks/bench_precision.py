@@ -62,7 +62,7 @@ def _workloads(args: argparse.Namespace, device: torch.device) -> Iterator[tuple
             [make_sample(1, i, args.size or 64).image for i in range(n)],
         )
     elif args.model == "tiny":
-        from tests.conftest import make_tiny_cnn
+        from tests.models import make_tiny_cnn
 
         n, size = args.images or 16, args.size or 32
         for seed in range(args.models):

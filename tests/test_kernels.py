@@ -294,7 +294,7 @@ def test_package_works_without_triton():
         "import torch, unioncam\n"
         "from unioncam.kernels import _triton\n"
         "assert not _triton.HAS_TRITON\n"
-        "sys.path.insert(0, 'tests'); from conftest import make_tiny_cnn\n"
+        "sys.path.insert(0, 'tests'); from models import make_tiny_cnn\n"
         "r = unioncam.explain(make_tiny_cnn(), torch.rand(3, 16, 16))\n"
         "print(r.details['selected'])\n"
     )
