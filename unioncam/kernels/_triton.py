@@ -2,6 +2,12 @@
 
 The package must work where Triton is absent (macOS, Windows, minimal installs), so kernels are only
 defined when ``triton`` imports. Every op's public function asks :func:`use_triton` and nothing else.
+
+Loops in kernels whose trip count is a runtime integer are written as ``while`` loops, not
+``range(...)``: Triton 3.6's interpreter turns a runtime bound into a Python int with
+``int(array_of_shape_(1,))``, which NumPy 2.4 and later reject with a ``TypeError``; the interpreter
+evaluates a ``while`` condition with ``bool()``, which NumPy still allows, and the compiler lowers both
+forms to a loop on the GPU.
 """
 
 from __future__ import annotations

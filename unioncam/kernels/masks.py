@@ -114,12 +114,14 @@ if HAS_TRITON:
         base = tl.where(row_ok, rows, 0)[:, None] * (h * w)  # clamp padding rows to a valid address
         lo = tl.full([BLOCK_R], float("inf"), tl.float32)
         hi = tl.full([BLOCK_R], float("-inf"), tl.float32)
-        for p0 in range(0, H * W, BLOCK_P):
+        p0 = 0
+        while p0 < H * W:  # a while loop: see _triton's docstring on runtime trip counts
             pix = p0 + tl.arange(0, BLOCK_P)
             pix_ok = pix < H * W
             u = _bilinear(a_ptr, base, tl.where(pix_ok, pix, 0)[None, :], h, w, W, scale_h, scale_w)
             lo = tl.minimum(lo, tl.min(tl.where(pix_ok[None, :], u, float("inf")), axis=1))
             hi = tl.maximum(hi, tl.max(tl.where(pix_ok[None, :], u, float("-inf")), axis=1))
+            p0 += BLOCK_P
         tl.store(lo_ptr + rows, lo, mask=row_ok)
         tl.store(hi_ptr + rows, hi, mask=row_ok)
 
