@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import unioncam  # noqa: E402
-from unioncam.engine import DEFAULT_BATCH_SIZE, PRECISIONS  # noqa: E402
+from unioncam.core.scorer import DEFAULT_BATCH_SIZE, PRECISIONS  # noqa: E402
 from unioncam.reference import unioncam_reference  # noqa: E402
 
 #: The paper's figure for UnionCAM on VGG16, 224×224, one NVIDIA RTX A6000 (Hu et al. 2024, §4.2).
@@ -105,7 +105,7 @@ class _ForwardCounter:
 
 def _ours(method: str, precision: str, batch_size: int) -> Callable:
     def run(model, images, targets):
-        res = unioncam.explain_batch(model, images, targets, method=method, batch_size=batch_size,
+        res = unioncam.explain_batch(model, images, targets=targets, method=method, batch_size=batch_size,
                                      precision=precision)
         return [r.details for r in res]
 

@@ -5,7 +5,7 @@ the script reports the Pearson correlation of the two final maps, their largest 
 whether AMS chose the same map (``selected``), and that agreement again where float32 decided by a
 margin (``|β_union − β_region| > 0.01``). Models:
 
-- ``shapes``: the trained :class:`unioncam.groundtruth.ShapesCNN` on held-out generated images
+- ``shapes``: the trained :class:`unioncam.models.ShapesCNN` on held-out generated images
   (seed 1, the evaluation's held-out set), 64×64;
 - ``tiny``: 12 seeded random tiny CNNs (the test suite's, pre-ReLU layer, sharp softmax) × 16 noise
   images, 32×32 — a hard case with many near-ties;
@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_latency import _device_name, _git_commit, _images, _versions, write_json  # noqa: E402
 
 import unioncam  # noqa: E402
-from unioncam.engine import PRECISIONS  # noqa: E402
+from unioncam.validation import PRECISIONS, validate_precision  # noqa: E402
 
 MARGIN = 0.01
 
@@ -53,7 +53,8 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> float | None:
 def _workloads(args: argparse.Namespace, device: torch.device) -> Iterator[tuple[str, torch.nn.Module, list]]:
     """``(label, model, images)`` groups to explain."""
     if args.model == "shapes":
-        from unioncam.groundtruth import load_shapes_cnn, make_sample
+        from unioncam.eval.groundtruth import make_sample
+        from unioncam.models import load_shapes_cnn
 
         n = args.images or 200
         yield (
@@ -88,7 +89,7 @@ def measure(args: argparse.Namespace) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precisions = [p for p in args.precision.split(",") if p]
     for p in precisions:
-        unioncam.engine.validate_precision(p)
+        validate_precision(p)
     rows: list[dict] = []
     for label, model, images in _workloads(args, device):
         full = unioncam.explain_batch(model, images, method=args.method, batch_size=args.batch_size)

@@ -54,7 +54,7 @@ def test_batch_of_images_matches_reference_image_by_image():
     g = torch.Generator().manual_seed(7)
     xs = [torch.rand(3, 16, 16, generator=g) for _ in range(3)] + [torch.rand(3, 10, 14, generator=g)]
     targets = [None, 3, None, 9]
-    fast = unioncam.explain_batch(model, xs, targets, batch_size=10)
+    fast = unioncam.explain_batch(model, xs, targets=targets, batch_size=10)
     margins = [_check(f, unioncam_reference(model, x, target=t)) for x, t, f in zip(xs, targets, fast)]
     assert max(margins) > BETA_ROUNDING  # the selection was really compared somewhere
 

@@ -1,5 +1,6 @@
 """``unioncam evaluate`` end to end on a tiny folder: tiny images, tiny models, two methods."""
 
+import dataclasses
 import json
 
 import pytest
@@ -7,9 +8,10 @@ import torch
 from .conftest import make_tiny_cnn
 
 from unioncam import InvalidInputError
-from unioncam import evaluate as ev
+from unioncam.eval import evaluate as ev
+from unioncam.models import load_model
 from unioncam.cli import main
-from unioncam.groundtruth import SHAPE_CLASSES, make_sample, write_folder
+from unioncam.eval.groundtruth import SHAPE_CLASSES, make_sample, write_folder
 
 
 @pytest.fixture(scope="module")
@@ -33,18 +35,10 @@ def test_write_folder_layout(shapes_folder):
 
 def test_evaluate_end_to_end_and_resume(shapes_folder, tmp_path):
     model = make_tiny_cnn(classes=len(SHAPE_CLASSES))
-    kw = {
-        "methods": ["gradcam", "unioncam"],
-        "model": model,
-        "model_name": "tiny",
-        "size": 32,
-        "limit": 4,
-        "seed": 1,
-        "pixels_per_step": 64,
-        "masks": shapes_folder / "masks",
-        "progress": False,
-    }
-    summary = ev.evaluate(shapes_folder / "images", tmp_path, **kw)
+    settings = ev.EvalSettings(method=("gradcam", "unioncam"), model="tiny", size=32, limit=4, seed=1,
+                               pixels_per_step=64, masks=str(shapes_folder / "masks"))
+    kw = {"model": model, "progress": False}
+    summary = ev.evaluate(shapes_folder / "images", tmp_path, settings, **kw)
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and {r["method"] for r in rows} == {"gradcam", "unioncam"}
     assert len({r["image"] for r in rows}) == 4  # both methods on the same 4 sampled images
@@ -66,7 +60,7 @@ def test_evaluate_end_to_end_and_resume(shapes_folder, tmp_path):
     # Resume: drop the last two rows and cut one short, as an interruption would; a rerun redoes only those.
     lines = (tmp_path / "results.jsonl").read_text().splitlines()
     (tmp_path / "results.jsonl").write_text("\n".join(lines[:5]) + "\n" + lines[5][:10] + "\n")
-    summary2 = ev.evaluate(shapes_folder / "images", tmp_path, **kw)
+    summary2 = ev.evaluate(shapes_folder / "images", tmp_path, settings, **kw)
     rows2 = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()[:5]]
     assert rows2 == rows[:5]  # kept, not recomputed
     assert [e["n"] for e in summary2["table"]] == [4, 4]
@@ -75,7 +69,7 @@ def test_evaluate_end_to_end_and_resume(shapes_folder, tmp_path):
 
     # Other settings in the same folder are refused rather than mixed in.
     with pytest.raises(InvalidInputError, match="out"):
-        ev.evaluate(shapes_folder / "images", tmp_path, **{**kw, "pixels_per_step": 32})
+        ev.evaluate(shapes_folder / "images", tmp_path, dataclasses.replace(settings, pixels_per_step=32), **kw)
 
 
 def test_cli_with_a_model_factory(shapes_folder, tmp_path, capsys):
@@ -85,7 +79,7 @@ def test_cli_with_a_model_factory(shapes_folder, tmp_path, capsys):
             "evaluate",
             str(shapes_folder / "images"),
             "--model",
-            "unioncam.groundtruth:ShapesCNN",
+            "unioncam.models.shapes:ShapesCNN",
             "--method",
             "gradcam,layercam",
             "--size",
@@ -116,7 +110,7 @@ def test_bad_folder_and_model_are_named(tmp_path):
     with pytest.raises(InvalidInputError, match="folder"):
         ev.find_images(tmp_path)  # empty
     with pytest.raises(InvalidInputError, match="model"):
-        ev.load_model("resnet")
+        load_model("resnet")
     assert main(["evaluate", str(tmp_path), "--out", str(tmp_path / "o"), "-q"]) == 2
 
 

@@ -75,12 +75,12 @@ def test_pil_image_and_batch_agree_with_single_calls(model):
     from_pil = unioncam.explain(model, pil, method="gradcam")
     as_tensor = unioncam.explain(model, unioncam.to_pixels(pil, size=None), method="gradcam")
     assert torch.equal(from_pil.saliency, as_tensor.saliency)
-    batch = unioncam.explain_batch(model, xs, [None, 2, 5], method="scorecam", batch_size=9)
+    batch = unioncam.explain_batch(model, xs, targets=[None, 2, 5], method="scorecam", batch_size=9)
     for x, t, b in zip(xs, [None, 2, 5], batch):
         one = unioncam.explain(model, x, method="scorecam", target=t)
         assert b.target == one.target and (b.saliency - one.saliency).abs().max() <= 1e-5
     with pytest.raises(InvalidInputError, match="targets: has 1 entries for 3 images"):
-        unioncam.explain_batch(model, xs, [1])
+        unioncam.explain_batch(model, xs, targets=[1])
 
 
 # ------------------------------------------------------------------------------------ model loading

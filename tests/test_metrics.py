@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from unioncam import InvalidInputError
-from unioncam.metrics import (
+from unioncam.eval.metrics import (
     INSERTION_BLUR,
     average_drop,
     average_increase,

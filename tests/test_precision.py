@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import unioncam
-from unioncam.engine import _Scorer
+from unioncam.core import Scorer
 
 from .conftest import make_tiny_cnn
 from .test_kernels import NormalizedTiny
@@ -90,7 +90,7 @@ def test_weights_cast_once_score_exactly_as_plain_autocast(precision, dtype, nor
     # on every call, with the head in float32. Same tensors, so the scores must be bit-identical.
     model = NormalizedTiny(seed=7) if normalized else make_tiny_cnn(seed=7)
     net = model.net if normalized else model
-    scorer = _Scorer(model, batch_size=5, precision=precision)
+    scorer = Scorer(model, batch_size=5, precision=precision)
     g = torch.Generator().manual_seed(3)
     x = torch.rand(13, 3, 24, 20, generator=g)
     targets = torch.randint(0, 10, (13,), generator=g)

@@ -23,7 +23,8 @@ import torch
 from PIL import Image
 
 import unioncam
-from unioncam.serving import ArchiveSettings, Ports, TorchServe, build_archive, config_text
+from unioncam.serve.archive import ArchiveSettings, build_archive, package_digest
+from unioncam.serve.server import Ports, TorchServe, config_text
 
 requests = pytest.importorskip("requests")
 pytestmark = pytest.mark.server
@@ -397,7 +398,8 @@ def test_a_killed_worker_is_replaced(server, good_gradcam):
 def test_archive_is_self_contained_and_tiny(server):
     mar = server.model_store / f"{NAME}.mar"
     names = zipfile.ZipFile(mar).namelist()
-    assert {"unioncam_handler.py", "unioncam/engine.py", "unioncam/kernels/__init__.py", "index_to_name.json",
+    assert {"unioncam_handler.py", "unioncam/api.py", "unioncam/serve/handler.py", "unioncam/kernels/__init__.py",
+            "unioncam/serve/config.properties", "index_to_name.json",
             "model-config.yaml", "MAR-INF/MANIFEST.json"} <= set(names)
     assert not any(n.endswith((".pth", ".pt")) for n in names)  # random weights: the seed only
     assert mar.stat().st_size < 1_000_000
@@ -405,6 +407,7 @@ def test_archive_is_self_contained_and_tiny(server):
     import yaml
 
     cfg = yaml.safe_load(z.read("model-config.yaml"))
+    assert cfg["handler"].pop("engine") == f"unioncam {unioncam.__version__} ({package_digest()})"
     assert cfg["handler"] == {"image_size": SIZE, "method": "unioncam", "theta": 10.0, "layer": None,
                               "batch_size": 64, "precision": "fp32", "weights": "random", "seed": 0}
     assert cfg["batchSize"] == 4 and cfg["maxBatchDelay"] == 100 and cfg["responseTimeout"] == 120

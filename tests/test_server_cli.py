@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from unioncam.serving import Ports, _ports_of, config_text
+from unioncam.serve.server import Ports, _ports_of, config_text
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,7 +22,7 @@ def _props(text: str) -> dict[str, str]:
 
 
 def test_shipped_config_is_loopback_only_with_token_auth():
-    text = (ROOT / "config.properties").read_text()
+    text = (ROOT / "unioncam" / "serve" / "config.properties").read_text()
     props = _props(text)
     for key in ("inference_address", "management_address", "metrics_address"):
         assert props[key].startswith("http://127.0.0.1:"), key
@@ -30,8 +30,13 @@ def test_shipped_config_is_loopback_only_with_token_auth():
     assert props["disable_token_authorization"] == "false"
     assert props["metrics_mode"] == "prometheus"
     assert 0 < int(props["max_request_size"]) <= 64 * 1024 * 1024
-    assert text == config_text(Ports())  # the file and the generator stay in step
+    assert text == config_text(Ports())  # the template holds the default ports
     assert _ports_of(text) == Ports()
+    moved = Ports(18080, 18081, 18082, 17070, 17071)
+    other = config_text(moved)
+    assert _ports_of(other) == moved
+    # only the five port lines differ
+    assert sum(a != b for a, b in zip(text.splitlines(), other.splitlines())) == 5
 
 
 def test_archive_refuses_bad_weights_clearly(tmp_path, capsys):

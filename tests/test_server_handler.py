@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import base64
-import importlib.util
 import io
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,6 @@ from PIL import Image
 
 import unioncam
 
-pytest.importorskip("ts")
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = 32
 
@@ -48,11 +45,9 @@ class FakeContext:
 
 @pytest.fixture(scope="module")
 def handler(tmp_path_factory):
-    spec = importlib.util.spec_from_file_location("unioncam_handler", ROOT / "handler" / "unioncam_handler.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["unioncam_handler"] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    h = mod.UnionCAMHandler()
+    from unioncam.serve.handler import UnionCAMHandler
+
+    h = UnionCAMHandler()
     h.initialize(FakeContext(tmp_path_factory.mktemp("model"), []))
     return h
 

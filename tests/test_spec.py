@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import unioncam
-from unioncam.engine import black_probs, select, union
+from unioncam.core import black_probs
+from unioncam.methods import select, union
 from unioncam.kernels import denoise_torch, minmax_norm, up, upsampled_range_torch
 
 from .conftest import make_tiny_cnn

@@ -7,12 +7,16 @@ Quick start::
     img = unioncam.load_image("samples/chelsea.png")  # float [3, 224, 224] in [0, 1]
     res = unioncam.explain(model, img)                # method="unioncam"
     res.saliency, res.target, res.score, res.details
+
+Layers, imports one way: ``kernels`` → ``core`` (capture, scorer) → ``methods`` → ``api`` → ``eval``,
+``serve``, ``cli``.
 """
 
-from .engine import METHODS, Explanation, explain, explain_batch
+from .api import METHODS, Explanation, explain, explain_batch
 from .errors import InvalidInputError
 from .io import decode_image, load_image, to_pixels
-from .models import PixelVGG16, imagenet_categories, load_vgg16
+from .methods import register as register_method
+from .models import PixelVGG16, imagenet_categories, load_model, load_vgg16
 from .viz import overlay, overlay_png
 
 __version__ = "0.1.0"
@@ -27,8 +31,10 @@ __all__ = [
     "explain_batch",
     "imagenet_categories",
     "load_image",
+    "load_model",
     "load_vgg16",
     "overlay",
     "overlay_png",
+    "register_method",
     "to_pixels",
 ]

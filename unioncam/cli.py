@@ -13,33 +13,12 @@ __all__ = ["main", "build_parser"]
 # Sub-commands that live in their own modules: each module has ``add_parser(subparsers)``, which
 # registers its command with ``set_defaults(func=...)``. Imported lazily so `unioncam --help` is quick
 # and a missing optional extra only breaks its own command.
-_PLUGIN_MODULES: tuple[str, ...] = ("unioncam.serving", "unioncam.evaluate", "unioncam.figure")
-
-
-def _parse_methods(text: str) -> list[str]:
-    from .engine import METHODS
-
-    names = [m.strip().lower() for m in text.split(",") if m.strip()]
-    if names == ["all"]:
-        return list(METHODS)
-    bad = [m for m in names if m not in METHODS]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown method {', '.join(bad) or text!r}; accepted: {', '.join(METHODS)}, all")
-    return names
-
-
-def _parse_theta(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number; accepted: a number in [0, 100]") from None
-    if not 0 <= v <= 100:
-        raise argparse.ArgumentTypeError(f"{text} is outside [0, 100]")
-    return v
+_PLUGIN_MODULES: tuple[str, ...] = ("unioncam.serve.server", "unioncam.eval.evaluate", "unioncam.eval.figure")
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    from . import explain_batch, load_image, load_vgg16
+    from . import explain_batch, load_image
+    from .models import load_model
     from .viz import overlay
 
     out = Path(args.out)
@@ -48,10 +27,10 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     for path in args.images:  # read every image before the (slow) model load: a bad file fails at once
         images.append(load_image(path, size=args.size))
         names.append(Path(path).stem)
-    model = load_vgg16(args.weights, seed=args.seed, device=args.device)
+    model = load_model(args.model, args.weights, seed=args.seed, device=args.device)
     cats = getattr(model, "categories", None)
     for method in args.method:
-        results = explain_batch(model, images, [args.target] * len(images), method=method, theta=args.theta,
+        results = explain_batch(model, images, targets=[args.target] * len(images), method=method, theta=args.theta,
                                 layer=args.layer, batch_size=args.batch_size, progress=not args.quiet,
                                 precision=args.precision)
         for name, img, res in zip(names, images, results):
@@ -63,7 +42,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
                 "target": res.target,
                 "class_name": cats[res.target] if cats else None,
                 "score": res.score,
-                "weights": str(args.weights),
+                "model": args.model,
+                "weights": args.weights,
                 "size": list(res.saliency.shape),
                 "details": res.details,
             }
@@ -75,7 +55,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .engine import METHODS
+    from .methods import METHODS
+    from .validation import PRECISIONS, methods_arg, theta_arg
 
     parser = argparse.ArgumentParser(
         prog="unioncam",
@@ -84,27 +65,31 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     ex = sub.add_parser(
         "explain",
-        help="explain images with VGG16 and write overlay PNGs and JSON details",
+        help="explain images (VGG16 by default) and write overlay PNGs and JSON details",
         description="For each IMAGE and method, write OUT/<name>.<method>.png (the map over the image) "
         "and OUT/<name>.<method>.json (class, score and the method's details).",
     )
     ex.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, …)")
-    ex.add_argument("--method", type=_parse_methods, default=["unioncam"],
+    ex.add_argument("--method", type=methods_arg, default=["unioncam"],
                     help=f"method, a comma-separated list, or 'all' ({', '.join(METHODS)}); default unioncam")
     ex.add_argument("--target", type=int, default=None,
                     help="class index to explain (0–999 for ImageNet); default: the predicted class")
-    ex.add_argument("--theta", type=_parse_theta, default=10.0,
+    ex.add_argument("--theta", type=theta_arg, default=10.0,
                     help="UnionCAM denoising percentile θ in [0, 100]; default 10 (the paper's)")
-    ex.add_argument("--weights", default="imagenet",
+    ex.add_argument("--model", default="vgg16",
+                    help="vgg16 (default), shapes (the ground-truth benchmark's CNN) or package.module:factory")
+    ex.add_argument("--weights", default=None,
                     help="'imagenet' (torchvision's; cached under $TORCH_HOME or downloaded), 'random' "
-                    "(seeded, for trying things offline) or a path to a torchvision VGG16 state dict")
+                    "(seeded, for trying things offline) or a path to a torchvision VGG16 state dict; "
+                    "default imagenet (vgg16) or the shipped weights (shapes)")
     ex.add_argument("--seed", type=int, default=0, help="seed for --weights random; default 0")
     ex.add_argument("--layer", default=None, help="module name to explain; default features.29 (conv5_3 ReLU)")
     ex.add_argument("--size", type=int, default=224, help="resize images to SIZE×SIZE first; default 224")
     ex.add_argument("--batch-size", type=int, default=None,
                     help="masked inputs per forward pass; default 64 on CUDA, 8 on CPU")
-    ex.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                    help="dtype of the masked forwards (autocast; scores stay float32); default fp32")
+    ex.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
+                    help="fp32 (strict float32), tf32 (CUDA), or bf16/fp16 for the masked forwards "
+                    "(autocast; scores stay float32); default fp32")
     ex.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu; default cpu")
     ex.add_argument("--out", default="out", help="output folder; default ./out")
     ex.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the map; default 0.5")

@@ -1,7 +1,7 @@
 """The literal UnionCAM: the spec written out plainly, one masked forward per channel.
 
 Slow on purpose and kept readable next to the paper's equations. It is the oracle: the fast engine
-(``unioncam.engine``) and every kernel are tested against it, never the other way round. It shares no
+(``unioncam.methods.unioncam``) and every kernel are tested against it, never the other way round. It shares no
 code with the fast path beyond the model itself.
 """
 
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .engine import Explanation
+from .api import Explanation
 
 __all__ = ["unioncam_reference"]
 

@@ -8,7 +8,7 @@ Seed 0 is the training split; seed 1 is held out (the model never saw it).
 
 import argparse
 
-from unioncam.groundtruth import write_folder
+from unioncam.eval.groundtruth import write_folder
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 
 from unioncam import metrics as M
-from unioncam.evaluate import summarize, write_tables
-from unioncam.groundtruth import load_shapes_cnn, make_dataset
+from unioncam.eval.evaluate import summarize, write_tables
+from unioncam.eval.groundtruth import make_dataset
+from unioncam.models import load_shapes_cnn
 
 if __name__ == "__main__":
     torch.set_num_threads(1)

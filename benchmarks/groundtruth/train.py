@@ -3,7 +3,7 @@
     PYTHONPATH=. python benchmarks/groundtruth/train.py            # ≈ 10 minutes on one CPU core
 
 Training images: seed 0, indices 0 … TRAIN−1. Held-out images: seed 1 (never seen in training), the
-split the benchmark table is computed on. Writes ``shapes_cnn.pt`` (state dict) and ``shapes_cnn.json``
+split the benchmark table is computed on. Writes ``shapes_cnn.pt`` (state dict; shipped as ``unioncam/models/weights/shapes_cnn.pt``) and ``shapes_cnn.json``
 (accuracy and the settings) beside this file.
 """
 
@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from unioncam.groundtruth import SHAPE_CLASSES, ShapesCNN, make_dataset
+from unioncam.eval.groundtruth import make_dataset
+from unioncam.models.shapes import SHAPE_CLASSES, ShapesCNN
 
 HERE = Path(__file__).resolve().parent
 
@@ -30,7 +31,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=str(HERE / "shapes_cnn.pt"))
+    ap.add_argument("--out", default=str(HERE.parent.parent / "unioncam" / "models" / "weights" / "shapes_cnn.pt"))
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -90,7 +91,7 @@ def main() -> None:
         "parameters": sum(p.numel() for p in model.parameters()),
         "command": "PYTHONPATH=. python benchmarks/groundtruth/train.py",
     }
-    out.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
+    (HERE / "shapes_cnn.json").write_text(json.dumps(info, indent=2) + "\n")
     print(json.dumps(info, indent=2))
 
 

@@ -21,14 +21,16 @@ import torch
 from torch import nn
 from torchvision.transforms.functional import gaussian_blur
 
-from .engine import _Scorer
-from .errors import InvalidInputError
+from ..core.capture import model_device
+from ..core.scorer import Scorer
+from ..errors import InvalidInputError
 
 __all__ = [
     "INSERTION_BLUR",
     "average_drop",
     "average_increase",
     "deletion_auc",
+    "drop_and_increase",
     "energy_pointing_game",
     "insertion_auc",
     "insertion_deletion_curves",
@@ -45,12 +47,6 @@ Region = torch.Tensor | Sequence[float] | Sequence[Sequence[float]]
 
 
 # ------------------------------------------------------------------------------------------ inputs
-
-
-def _device(model: nn.Module) -> torch.device:
-    for t in (*model.parameters(), *model.buffers()):
-        return t.device
-    return torch.device("cpu")
 
 
 def _images(images: Any) -> torch.Tensor:
@@ -103,7 +99,7 @@ def _targets(model: nn.Module, x: torch.Tensor, targets: Any, batch_size: int) -
         with torch.no_grad():
             pred = torch.cat(
                 [
-                    model(x[i : i + batch_size].to(_device(model))).argmax(1).cpu()
+                    model(x[i : i + batch_size].to(model_device(model))).argmax(1).cpu()
                     for i in range(0, n, batch_size)
                 ]
             ).tolist()
@@ -121,8 +117,7 @@ def target_scores(
 
     The engine's scorer does the work (the same chunking and out-of-memory back-off as explanations).
     """
-    dev = _device(model)
-    return _Scorer(model, batch_size)(inputs.shape[0], lambda i, j: inputs[i:j].to(dev), targets.to(dev))
+    return Scorer(model, batch_size).images(inputs, targets)
 
 
 def _reduce(values: torch.Tensor, per_image: bool) -> torch.Tensor | float:
@@ -133,17 +128,30 @@ def _reduce(values: torch.Tensor, per_image: bool) -> torch.Tensor | float:
 # ------------------------------------------------------------------- Average Drop / Increase
 
 
-def _y_o(
-    model: nn.Module, images: Any, saliencies: Any, targets: Any, batch_size: int
+def drop_and_increase(
+    model: nn.Module,
+    images: Any,
+    saliencies: Any,
+    targets: Any = None,
+    batch_size: int = 64,
+    scores: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image Average Drop and Average Increase (percent, float32 CPU ``[N]`` each) from one scoring pass.
+
+    ``y_c = f_c(x)``, ``o_c = f_c(x ⊙ map)`` (the map multiplies the pixels, so it should lie in
+    ``[0, 1]``). Drop: ``100 · max(0, y_c − o_c) / y_c``, 0 where ``y_c`` underflows to 0 in float32
+    (nothing can drop); Increase: ``100 · 1[y_c < o_c]``. ``scores``: ``y_c`` when already known (an
+    explanation's ``score``), which saves the forwards of the unmasked images.
+    """
     x = _images(images)
     s = _saliencies(saliencies, x.shape[0], tuple(x.shape[-2:]))
     t = _targets(model, x, targets, batch_size)
-    dev = _device(model)
-    xd, sd = x.to(dev), s.to(dev)
-    y = target_scores(model, xd, t, batch_size)
-    o = target_scores(model, xd * sd[:, None].to(xd.dtype), t, batch_size)
-    return y, o
+    scorer = Scorer(model, batch_size)
+    xd, sd, td = x.to(scorer.device), s.to(scorer.device), t.to(scorer.device)
+    y = scorer.images(xd, td) if scores is None else torch.as_tensor(scores, dtype=torch.float32).to(scorer.device)
+    o = scorer.masked(xd, sd, td)
+    drop = torch.where(y > 0, (y - o).clamp_min(0) / torch.where(y > 0, y, 1), 0)
+    return (100.0 * drop).float().cpu(), (100.0 * (y < o).float()).cpu()
 
 
 def average_drop(
@@ -156,13 +164,9 @@ def average_drop(
 ) -> torch.Tensor | float:
     """Average Drop in percent: ``100/N · Σ max(0, y_c − o_c) / y_c`` (lower is better).
 
-    ``y_c = f_c(x)``, ``o_c = f_c(x ⊙ map)`` (the map multiplies the pixels, so it should lie in
-    ``[0, 1]``). Per image: ``100 · max(0, y_c − o_c) / y_c``; 0 where ``y_c`` underflows to 0 in float32
-    (nothing can drop).
+    See :func:`drop_and_increase`, which gives it together with Average Increase from one pass.
     """
-    y, o = _y_o(model, images, saliencies, targets, batch_size)
-    drop = torch.where(y > 0, (y - o).clamp_min(0) / torch.where(y > 0, y, 1), 0)
-    return _reduce(100.0 * drop, per_image)
+    return _reduce(drop_and_increase(model, images, saliencies, targets, batch_size)[0], per_image)
 
 
 def average_increase(
@@ -174,8 +178,7 @@ def average_increase(
     per_image: bool = False,
 ) -> torch.Tensor | float:
     """Average Increase in percent: ``100/N · Σ 1[y_c < o_c]`` (higher is better); per image 0 or 100."""
-    y, o = _y_o(model, images, saliencies, targets, batch_size)
-    return _reduce(100.0 * (y < o).float(), per_image)
+    return _reduce(drop_and_increase(model, images, saliencies, targets, batch_size)[1], per_image)
 
 
 # ------------------------------------------------------------------------ Insertion / Deletion
@@ -214,7 +217,8 @@ def insertion_deletion_curves(
     N, _, H, W = x.shape
     s = _saliencies(saliencies, N, (H, W))
     t = _targets(model, x, targets, batch_size)
-    dev = _device(model)
+    scorer = Scorer(model, batch_size)
+    dev = scorer.device
     x, s, t = x.to(dev), s.to(dev), t.to(dev)
     n = H * W
     steps = math.ceil(n / pixels_per_step)
@@ -229,14 +233,13 @@ def insertion_deletion_curves(
         base, fill = (start(x) if start is not None else _blur(x)).to(x.dtype), x
     flat_idx = torch.arange(N * (steps + 1), device=dev)
     img_of, k_of = flat_idx // (steps + 1), flat_idx % (steps + 1)
-    scores = torch.empty(N * (steps + 1), device=dev, dtype=torch.float32)
-    with torch.no_grad():
-        for i in range(0, flat_idx.numel(), batch_size):
-            b, k = img_of[i : i + batch_size], k_of[i : i + batch_size]
-            changed = rank[b] < (k * pixels_per_step).view(-1, 1, 1, 1)
-            z = torch.where(changed, fill[b], base[b])
-            logits = model(z)
-            scores[i : i + batch_size] = logits.float().softmax(-1).gather(1, t[b, None]).squeeze(1)
+
+    def build(i: int, j: int) -> torch.Tensor:
+        b, k = img_of[i:j], k_of[i:j]
+        changed = rank[b] < (k * pixels_per_step).view(-1, 1, 1, 1)
+        return torch.where(changed, fill[b], base[b])
+
+    scores = scorer(flat_idx.numel(), build, t[img_of])
     return scores.view(N, steps + 1).cpu()
 
 

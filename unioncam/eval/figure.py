@@ -33,13 +33,13 @@ def figure_grid(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .engine import explain_batch
-    from .viz import overlay
+    from ..api import explain_batch
+    from ..viz import overlay
 
     targets = targets or [None] * len(images)
     cats = getattr(model, "categories", None)
     maps = {
-        m: explain_batch(model, images, targets, method=m, theta=theta, layer=layer, batch_size=batch_size)
+        m: explain_batch(model, images, targets=targets, method=m, theta=theta, layer=layer, batch_size=batch_size)
         for m in methods
     }
     rows, cols = len(images), len(methods) + 1
@@ -71,8 +71,8 @@ def figure_grid(
 
 
 def _cmd(args: argparse.Namespace) -> int:
-    from .evaluate import load_model
-    from .io import load_image
+    from ..io import load_image
+    from ..models import load_model
 
     model = load_model(args.model, args.weights, args.weights_seed, args.device)
     masks: list[Any] | None = None
@@ -110,7 +110,7 @@ def _cmd(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: Any) -> None:
     """Register ``unioncam figure``."""
-    from .cli import _parse_methods, _parse_theta
+    from ..validation import methods_arg, theta_arg
 
     p = subparsers.add_parser(
         "figure",
@@ -122,12 +122,12 @@ def add_parser(subparsers: Any) -> None:
         "--shapes", type=int, default=0, help="use the first N ground-truth benchmark images instead"
     )
     p.add_argument("--shapes-seed", type=int, default=1, help="their seed; default 1 (the held-out split)")
-    p.add_argument("--method", type=_parse_methods, default="all", help="methods or 'all' (default)")
+    p.add_argument("--method", type=methods_arg, default="all", help="methods or 'all' (default)")
     p.add_argument("--model", default="vgg16", help="vgg16 (default), shapes or package.module:factory")
     p.add_argument("--weights", default=None, help="as for `unioncam evaluate`")
     p.add_argument("--weights-seed", type=int, default=0)
     p.add_argument("--size", type=int, default=224, help="image side; default 224")
-    p.add_argument("--theta", type=_parse_theta, default=10.0)
+    p.add_argument("--theta", type=theta_arg, default=10.0)
     p.add_argument("--layer", default=None)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default=None)

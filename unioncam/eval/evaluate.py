@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib
+import dataclasses
 import json
 import math
 import random
@@ -31,9 +31,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .errors import InvalidInputError
+from ..errors import InvalidInputError
 
-__all__ = ["METRICS", "add_parser", "evaluate", "find_images", "load_model", "summarize"]
+__all__ = ["METRICS", "EvalSettings", "add_parser", "evaluate", "find_images", "summarize"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -141,39 +141,6 @@ def _region(
     return None
 
 
-# ------------------------------------------------------------------------------------------- models
-
-
-def load_model(name: str, weights: str | None = None, seed: int = 0, device: str | None = None) -> nn.Module:
-    """``vgg16`` (``weights``: imagenet, random or a path), ``shapes`` (the ground-truth benchmark's CNN;
-    ``weights``: a path, default the committed file) or ``package.module:factory`` (called with no
-    arguments; must return a pixel-space classifier, with ``default_layer`` or used with ``--layer``)."""
-    if name == "vgg16":
-        from .models import load_vgg16
-
-        return load_vgg16(weights or "imagenet", seed=seed, device=device)
-    if name == "shapes":
-        from .groundtruth import load_shapes_cnn
-
-        return load_shapes_cnn(weights, device=device)
-    if ":" in name:
-        mod, _, attr = name.partition(":")
-        try:
-            factory = getattr(importlib.import_module(mod), attr)
-        except (ImportError, AttributeError) as exc:
-            raise InvalidInputError(
-                "model", f"{name!r} cannot be imported ({exc})", "vgg16, shapes or module:factory"
-            ) from exc
-        model = factory()
-        if not isinstance(model, nn.Module):
-            raise InvalidInputError(
-                "model", f"{name!r} returned a {type(model).__name__}", "a torch.nn.Module"
-            )
-        model.eval().requires_grad_(False)
-        return model.to(device) if device is not None else model
-    raise InvalidInputError("model", f"{name!r}", "vgg16, shapes or package.module:factory")
-
-
 # --------------------------------------------------------------------------------------------- run
 
 
@@ -207,77 +174,83 @@ def _run_key(args: dict[str, Any]) -> dict[str, Any]:
     return {**{k: args.get(k) for k in keys}, "insertion_deletion": args.get("insertion_deletion", True)}
 
 
-def evaluate(
-    folder: str | Path,
-    out: str | Path,
-    methods: Iterable[str] = ("unioncam", "gradcam"),
-    model: nn.Module | None = None,
-    model_name: str = "vgg16",
-    weights: str | None = None,
-    seed_weights: int = 0,
-    size: int = 224,
-    limit: int | None = None,
-    seed: int = 0,
-    theta: float = 10.0,
-    layer: str | None = None,
-    pixels_per_step: int | None = None,
-    targets: str = "auto",
-    annotations: str | Path | None = None,
-    masks: str | Path | None = None,
-    batch_size: int = 64,
-    chunk: int = 8,
-    device: str | None = None,
-    progress: bool = True,
-    insertion_deletion: bool = True,
-) -> dict[str, Any]:
-    """Score ``methods`` on (a ``limit``-sized, ``seed``-ed random sample of) the images in ``folder``.
+@dataclass(frozen=True)
+class EvalSettings:
+    """What :func:`evaluate` scores and how; the command line's options have the same names."""
+
+    method: tuple[str, ...] = ("unioncam", "gradcam")  #: methods to score
+    model: str = "vgg16"  #: a :func:`unioncam.models.load_model` name (recorded even when a model is passed)
+    weights: str | None = None  #: the model's weights (see ``load_model``)
+    weights_seed: int = 0  #: seed of ``weights="random"``
+    size: int = 224  #: images are resized to ``size``×``size``
+    limit: int | None = None  #: score a random sample of this many images
+    seed: int = 0  #: seed of that sample
+    theta: float = 10.0  #: UnionCAM's θ
+    layer: str | None = None  #: explained layer; ``None`` → the model's ``default_layer``
+    #: insertion/deletion pixels per step; ``None`` → ``size`` (224 per step at 224×224, Petsiuk et al.'s)
+    pixels_per_step: int | None = None
+    #: ``False`` skips those two curves (``2·⌈H·W / pixels_per_step⌉ + 2`` forwards per image and method, by
+    #: far the costliest metrics): the paper's Table 1 needs only Average Drop / Increase
+    insertion_deletion: bool = True
+    targets: str = "auto"  #: ``auto``, ``folders`` or ``predicted`` (see :func:`find_images`)
+    annotations: str | None = None  #: folder of Pascal VOC XML files
+    masks: str | None = None  #: folder of object masks
+    batch_size: int = 64  #: inputs per forward pass
+    chunk: int = 8  #: images explained together
+    device: str | None = None  #: torch device
+
+
+def evaluate(folder: str | Path, out: str | Path, settings: EvalSettings = EvalSettings(),
+             model: nn.Module | None = None, progress: bool = True) -> dict[str, Any]:
+    """Score ``settings.method`` on (a ``limit``-sized, ``seed``-ed random sample of) the images in ``folder``.
 
     Every method explains the same images. Per-image rows are appended to ``out/results.jsonl``; rows
     already there (same settings) are kept and not recomputed. Returns the summary also written to
-    ``out/results.json`` (and as markdown and CSV).
-
-    ``pixels_per_step`` defaults to ``size`` (224 per step at 224×224, Petsiuk et al.'s setting).
-    ``insertion_deletion=False`` skips those two curves (``2·⌈H·W / pixels_per_step⌉ + 2`` forwards per
-    image and method, by far the most expensive metrics): the paper's Table 1 needs only Average
-    Drop / Increase.
+    ``out/results.json`` (and as markdown and CSV). ``model``: a loaded model to use instead of loading
+    ``settings.model``. Maps stay on the model's device between explaining and scoring; Average Drop and
+    Increase reuse each explanation's own score ``f_c(x)``.
     """
     from tqdm.auto import tqdm
 
+    from ..api import explain_batch
+    from ..io import decode_image, to_pixels
+    from ..models import load_model
+    from ..validation import validate_method, validate_theta
     from . import metrics as M
-    from .engine import explain_batch, validate_method, validate_theta
-    from .io import decode_image, to_pixels
 
-    methods = [validate_method(m) for m in methods]
-    theta = validate_theta(theta)
+    cfg = settings
+    methods = [validate_method(m) for m in cfg.method]
+    theta = validate_theta(cfg.theta)
+    size, chunk, limit = cfg.size, cfg.chunk, cfg.limit
     if isinstance(size, bool) or not isinstance(size, int) or size < 8:
         raise InvalidInputError("size", f"{size!r}", "an integer ≥ 8")
-    pps = pixels_per_step or size
+    pps = cfg.pixels_per_step or size
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise InvalidInputError("chunk", f"{chunk!r}", "an integer ≥ 1")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    items, classes = find_images(folder, targets)
+    items, classes = find_images(folder, cfg.targets)
     n_found = len(items)
     if limit is not None:
         if limit < 1:
             raise InvalidInputError("limit", f"{limit!r}", "an integer ≥ 1")
-        items = random.Random(seed).sample(items, min(limit, len(items)))
-    ann = Path(annotations) if annotations else None
-    msk = Path(masks) if masks else None
+        items = random.Random(cfg.seed).sample(items, min(limit, len(items)))
+    ann = Path(cfg.annotations) if cfg.annotations else None
+    msk = Path(cfg.masks) if cfg.masks else None
     for name, p in (("annotations", ann), ("masks", msk)):
         if p is not None and not p.is_dir():
             raise InvalidInputError(name, f"{str(p)!r} is not a directory", "a folder")
 
     config = {
         "folder": str(folder),
-        "model": model_name,
-        "weights": weights,
-        "seed_weights": seed_weights,
+        "model": cfg.model,
+        "weights": cfg.weights,
+        "seed_weights": cfg.weights_seed,
         "size": size,
         "theta": theta,
-        "layer": layer,
+        "layer": cfg.layer,
         "pixels_per_step": pps,
-        "insertion_deletion": bool(insertion_deletion),
+        "insertion_deletion": bool(cfg.insertion_deletion),
         "targets": "folders" if classes else "predicted",
         "annotations": str(ann) if ann else None,
         "masks": str(msk) if msk else None,
@@ -295,7 +268,8 @@ def evaluate(
     cfg_path.write_text(json.dumps(config, indent=2) + "\n")
 
     if model is None:
-        model = load_model(model_name, weights, seed_weights, device)
+        model = load_model(cfg.model, cfg.weights, cfg.weights_seed, cfg.device)
+    batch_size = cfg.batch_size
     done = {(r["image"], r["method"]) for r in _read_jsonl(rows_path)}
     todo = [(it, m) for it in items for m in methods if (it.key, m) not in done]
     bar = tqdm(
@@ -323,20 +297,20 @@ def evaluate(
                 res = explain_batch(
                     model,
                     [x[i] for i in idx],
-                    [group[i].target for i in idx],
+                    targets=[group[i].target for i in idx],
                     method=method,
                     theta=theta,
-                    layer=layer,
+                    layer=cfg.layer,
                     batch_size=batch_size,
+                    keep_on_device=True,
                 )
                 seconds = (time.perf_counter() - start) / len(idx)
                 xs, sal = x[idx], torch.stack([r.saliency for r in res])
                 tg = [r.target for r in res]
-                vals = {
-                    "average_drop": M.average_drop(model, xs, sal, tg, batch_size, per_image=True),
-                    "average_increase": M.average_increase(model, xs, sal, tg, batch_size, per_image=True),
-                }
-                if insertion_deletion:
+                drop, increase = M.drop_and_increase(model, xs, sal, tg, batch_size,
+                                                     scores=torch.tensor([r.score for r in res]))
+                vals = {"average_drop": drop, "average_increase": increase}
+                if cfg.insertion_deletion:
                     vals["insertion"] = M.insertion_auc(model, xs, sal, tg, pps, batch_size, per_image=True)
                     vals["deletion"] = M.deletion_auc(model, xs, sal, tg, pps, batch_size, per_image=True)
                 have_region = [j for j, i in enumerate(idx) if regions[i] is not None]
@@ -370,7 +344,7 @@ def evaluate(
         "images_found": n_found,
         "images": len(items),
         "limit": limit,
-        "seed": seed,
+        "seed": cfg.seed,
         "methods": methods,
         "classes": classes,
         "chunk": chunk,
@@ -446,35 +420,17 @@ def write_tables(summary: dict[str, Any], out: Path) -> None:
 
 
 def _cmd(args: argparse.Namespace) -> int:
-    summary = evaluate(
-        args.folder,
-        args.out,
-        args.method,
-        model_name=args.model,
-        weights=args.weights,
-        seed_weights=args.weights_seed,
-        size=args.size,
-        limit=args.limit,
-        seed=args.seed,
-        theta=args.theta,
-        layer=args.layer,
-        pixels_per_step=args.pixels_per_step,
-        targets=args.targets,
-        annotations=args.annotations,
-        masks=args.masks,
-        batch_size=args.batch_size,
-        chunk=args.chunk,
-        device=args.device,
-        progress=not args.quiet,
-        insertion_deletion=not args.no_insertion_deletion,
-    )
+    names = {f.name for f in dataclasses.fields(EvalSettings)}
+    options = {k: v for k, v in vars(args).items() if k in names}
+    options["method"] = tuple(options["method"])
+    summary = evaluate(args.folder, args.out, EvalSettings(**options), progress=not args.quiet)
     print((Path(args.out) / "results.md").read_text(), end="")
     return 0 if summary["table"] else 1
 
 
 def add_parser(subparsers: Any) -> None:
     """Register ``unioncam evaluate``."""
-    from .cli import _parse_methods, _parse_theta
+    from ..validation import methods_arg, theta_arg
 
     p = subparsers.add_parser(
         "evaluate",
@@ -485,7 +441,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("folder", help="image folder (class sub-folders give the targets)")
     p.add_argument(
         "--method",
-        type=_parse_methods,
+        type=methods_arg,
         default=["unioncam", "gradcam"],
         help="comma-separated methods or 'all'; default unioncam,gradcam",
     )
@@ -503,14 +459,15 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--size", type=int, default=224, help="resize images to SIZE×SIZE; default 224")
     p.add_argument("--limit", type=int, default=None, help="score a random sample of LIMIT images")
     p.add_argument("--seed", type=int, default=0, help="seed of the --limit sample; default 0")
-    p.add_argument("--theta", type=_parse_theta, default=10.0, help="UnionCAM θ; default 10")
+    p.add_argument("--theta", type=theta_arg, default=10.0, help="UnionCAM θ; default 10")
     p.add_argument("--layer", default=None, help="layer to explain; default the model's default_layer")
     p.add_argument(
         "--pixels-per-step", type=int, default=None, help="insertion/deletion pixels per step; default SIZE"
     )
     p.add_argument(
         "--no-insertion-deletion",
-        action="store_true",
+        dest="insertion_deletion",
+        action="store_false",
         help="skip the insertion/deletion curves (the costliest metrics; Table 1 needs only Drop/Increase)",
     )
     p.add_argument(

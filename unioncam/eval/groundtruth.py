@@ -1,4 +1,4 @@
-"""A ground-truth benchmark that needs no download: synthetic shapes on clutter, and a small CNN.
+"""A ground-truth benchmark that needs no download: synthetic shapes on clutter (the CNN: ``models.shapes``).
 
 Each image holds one *object* — a filled shape whose kind is the class — on a cluttered background of
 *distractors* (line segments, small dots, thin arcs and a smooth colour gradient). Object and distractor
@@ -18,27 +18,11 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
-from torch import nn
 from torchvision.transforms.functional import pil_to_tensor
 
-from .models import IMAGENET_MEAN, IMAGENET_STD
+from ..models.shapes import SHAPE_CLASSES
 
-__all__ = [
-    "DEFAULT_WEIGHTS",
-    "SHAPE_CLASSES",
-    "Sample",
-    "ShapesCNN",
-    "load_shapes_cnn",
-    "make_dataset",
-    "make_sample",
-    "write_folder",
-]
-
-#: Class index → name. The object's outline is the only thing that tells them apart.
-SHAPE_CLASSES: tuple[str, ...] = ("disk", "square", "triangle", "cross", "ring")
-
-#: The committed weights of :class:`ShapesCNN` trained by ``benchmarks/groundtruth/train.py``.
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "benchmarks" / "groundtruth" / "shapes_cnn.pt"
+__all__ = ["SHAPE_CLASSES", "Sample", "make_dataset", "make_sample", "write_folder"]
 
 
 @dataclass
@@ -209,67 +193,3 @@ def write_folder(out: str | os.PathLike, seed: int, n: int, size: int = 64, star
         Image.fromarray(s.mask.byte().mul(255).numpy(), mode="L").save(out / "masks" / f"{name}.png")
         (out / "annotations" / f"{name}.xml").write_text(_voc_xml(name, size, SHAPE_CLASSES[s.label], s.box))
     return out
-
-
-class ShapesCNN(nn.Module):
-    """A small VGG-style CNN (≈ 0.25 M parameters) for the synthetic shapes, taking pixels in ``[0, 1]``.
-
-    Like :class:`unioncam.PixelVGG16`, the ImageNet normalisation is its first operation, so a black
-    image is all zeros. Explained layer: ``features.17``, the ReLU after the last conv (128 × H/8 × W/8).
-    """
-
-    default_layer = "features.17"
-
-    def __init__(self, num_classes: int = len(SHAPE_CLASSES)) -> None:
-        super().__init__()
-
-        def block(cin: int, cout: int) -> list[nn.Module]:
-            # Batch norm makes training converge in minutes; in eval mode it is a fixed affine map.
-            return [
-                nn.Conv2d(cin, cout, 3, padding=1, bias=False),
-                nn.BatchNorm2d(cout),
-                nn.ReLU(inplace=True),
-            ]
-
-        self.features = nn.Sequential(
-            *block(3, 16),
-            nn.MaxPool2d(2),  # 0-3
-            *block(16, 32),
-            nn.MaxPool2d(2),  # 4-7
-            *block(32, 64),
-            nn.MaxPool2d(2),  # 8-11
-            *block(64, 128),
-            *block(128, 128),  # 12-17: features.17 is the last ReLU
-        )
-        self.classifier = nn.Linear(128, num_classes)
-        for m in self.features:
-            if isinstance(m, nn.Conv2d):
-                # He initialisation: PyTorch's default shrinks the signal layer by layer and training stalls.
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        self.categories: list[str] = (
-            list(SHAPE_CLASSES) if num_classes == len(SHAPE_CLASSES) else [str(i) for i in range(num_classes)]
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.features((x - self.mean) / self.std)
-        return self.classifier(a.mean((2, 3)))
-
-
-def load_shapes_cnn(
-    weights: str | os.PathLike | None = None, device: str | torch.device | None = None
-) -> ShapesCNN:
-    """The trained :class:`ShapesCNN` in eval mode (``weights=None`` → the committed file), frozen."""
-    path = Path(weights) if weights is not None else DEFAULT_WEIGHTS
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"weights: {str(path)!r} does not exist (train it with benchmarks/groundtruth/train.py)"
-        )
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    model = ShapesCNN(num_classes=state["classifier.weight"].shape[0])
-    model.load_state_dict(state)
-    model.eval().requires_grad_(False)
-    if device is not None:
-        model.to(device)
-    return model

@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import torch
-from torch import nn
 from torchvision.models import VGG16_Weights, vgg16
 from torchvision.models.vgg import VGG
 
@@ -121,14 +120,3 @@ def load_vgg16(
     if device is not None:
         model.to(device)
     return model
-
-
-def default_layer(model: nn.Module) -> str:
-    """The layer explained when none is named: the model's ``default_layer`` attribute."""
-    name = getattr(model, "default_layer", None)
-    if not name:
-        raise ValueError(
-            "layer: this model has no default_layer attribute; pass layer=<name> "
-            "(one of model.named_modules())"
-        )
-    return name

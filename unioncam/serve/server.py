@@ -1,9 +1,8 @@
-"""TorchServe packaging and running: ``unioncam archive`` and ``unioncam serve``.
+"""Running TorchServe: ``unioncam serve`` (and the ``unioncam archive`` command).
 
-``build_archive`` writes ``model_store/<name>.mar``: the handler, a copy of this ``unioncam`` package
-(so the worker imports the archived engine), ``index_to_name.json``, ``model-config.yaml`` and the
-weights (for ``random`` only the seed). ``TorchServe`` starts the server with every temp, log, metric
-and pid file under one run folder; ``unioncam serve`` runs it in the foreground.
+``TorchServe`` starts the server with every temp, log, metric and pid file under one run folder;
+``unioncam serve`` builds the archive if needed (:mod:`unioncam.serve.archive`) and runs it in the
+foreground. Its ``config.properties`` comes from the template shipped in this package.
 """
 
 from __future__ import annotations
@@ -11,120 +10,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ArchiveSettings", "Ports", "build_archive", "config_text", "TorchServe", "free_port", "add_parser"]
+from .archive import ArchiveSettings, archived_yaml, build_archive
 
-ROOT = Path(__file__).resolve().parent.parent
-HANDLER = ROOT / "handler" / "unioncam_handler.py"
-PACKAGE = Path(__file__).resolve().parent
-
-
-@dataclass
-class ArchiveSettings:
-    """What goes into ``model-config.yaml``: TorchServe's batching and the engine's defaults."""
-
-    weights: str = "imagenet"
-    seed: int = 0
-    image_size: int = 224
-    method: str = "unioncam"
-    theta: float = 10.0
-    layer: str | None = None
-    batch_size: int | None = None  # masked inputs per forward; None: the engine's default for the device
-    precision: str = "fp32"  # dtype of the masked forwards
-    max_batch_size: int = 4  # requests TorchServe groups into one handler call
-    max_batch_delay_ms: int = 50
-    response_timeout_s: int = 600  # a 224×224 UnionCAM is ~500 VGG16 forwards: minutes on a CPU
-    workers: int = 1
-
-    def yaml(self) -> str:
-        import yaml
-
-        handler = {"image_size": self.image_size, "method": self.method, "theta": self.theta,
-                   "layer": self.layer, "batch_size": self.batch_size, "precision": self.precision}
-        if self.weights == "random":
-            handler.update(weights="random", seed=self.seed)
-        else:
-            handler.update(weights="file", weights_file="vgg16.pth", source=str(self.weights))
-        doc = {"minWorkers": self.workers, "maxWorkers": self.workers, "batchSize": self.max_batch_size,
-               "maxBatchDelay": self.max_batch_delay_ms, "responseTimeout": self.response_timeout_s,
-               "handler": handler}
-        return yaml.safe_dump(doc, sort_keys=False)
-
-
-def _validate(settings: ArchiveSettings) -> None:
-    from .engine import validate_method, validate_precision, validate_theta
-    from .errors import InvalidInputError
-
-    validate_method(settings.method)
-    validate_theta(settings.theta)
-    validate_precision(settings.precision)
-    for name in ("image_size", "batch_size", "max_batch_size", "workers", "response_timeout_s"):
-        v = getattr(settings, name)
-        if name == "batch_size" and v is None:
-            continue
-        if not isinstance(v, int) or v < 1:
-            raise InvalidInputError(name.replace("_", "-"), f"{v!r}", "an integer ≥ 1")
-    if settings.image_size < 32:
-        raise InvalidInputError("image-size", f"{settings.image_size} is too small for VGG16's five poolings",
-                                "an integer ≥ 32")
-
-
-def _weights_file(weights: str, dest: Path) -> None:
-    """Write the VGG16 state dict for ``weights`` ("imagenet" or a path) to ``dest``."""
-    import torch
-
-    from .models import load_vgg16
-
-    if weights != "imagenet" and Path(weights).is_file():
-        load_vgg16(weights)  # refuse a file that is not a VGG16 state dict now, not in the worker
-        shutil.copyfile(weights, dest)
-        return
-    model = load_vgg16(weights)  # "imagenet": cached or downloaded; raises with instructions if neither
-    torch.save(model.state_dict(), dest)
-
-
-def build_archive(settings: ArchiveSettings, model_store: str | os.PathLike = "model_store", name: str = "unioncam",
-                  force: bool = False) -> Path:
-    """Build ``<model_store>/<name>.mar`` and return its path (kept as is when present and not ``force``)."""
-    _validate(settings)
-    if not HANDLER.is_file():
-        raise RuntimeError(f"the handler {HANDLER} is missing: archives are built from a source checkout")
-    store = Path(model_store)
-    store.mkdir(parents=True, exist_ok=True)
-    mar = store / f"{name}.mar"
-    if mar.exists() and not force:
-        return mar
-    from .models import imagenet_categories
-
-    with tempfile.TemporaryDirectory(prefix="unioncam-archive-") as tmp:
-        stage = Path(tmp)
-        # --extra-files copies a folder's *contents* into the archive root: "files/unioncam" → "unioncam/".
-        files = stage / "files"
-        shutil.copytree(PACKAGE, files / "unioncam", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        (files / "index_to_name.json").write_text(json.dumps({str(i): c for i, c in enumerate(imagenet_categories())}))
-        (stage / "model-config.yaml").write_text(settings.yaml())
-        extra = [files]
-        cmd = [sys.executable, "-m", "model_archiver.model_packaging", "--model-name", name, "--version", "1.0",
-               "--handler", str(HANDLER), "--config-file", str(stage / "model-config.yaml"),
-               "--export-path", str(store), "--force"]
-        if settings.weights != "random":
-            _weights_file(settings.weights, stage / "vgg16.pth")
-            cmd += ["--serialized-file", str(stage / "vgg16.pth")]
-        cmd += ["--extra-files", ",".join(str(p) for p in extra)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0 or not mar.exists():
-            raise RuntimeError(f"torch-model-archiver failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout}")
-    return mar
+__all__ = ["Ports", "TorchServe", "add_parser", "config_text", "free_port"]
 
 
 # ----------------------------------------------------------------------------------------- config
@@ -151,31 +51,16 @@ def free_port() -> int:
 
 
 def config_text(ports: Ports, max_request_mb: int = 16, max_response_mb: int = 16) -> str:
-    """``config.properties``: loopback only, token authorization on, Prometheus metrics."""
+    """``config.properties`` for ``ports``: the shipped template (loopback only, token authorization on,
+    Prometheus metrics) with its addresses moved to those ports and its body limits set."""
+    text = resources.files("unioncam.serve").joinpath("config.properties").read_text()
     mb = 1024 * 1024
-    return "\n".join([
-        "# TorchServe settings for unioncam: every address on 127.0.0.1 only.",
-        f"inference_address=http://127.0.0.1:{ports.inference}",
-        f"management_address=http://127.0.0.1:{ports.management}",
-        f"metrics_address=http://127.0.0.1:{ports.metrics}",
-        f"grpc_inference_address=127.0.0.1",
-        f"grpc_management_address=127.0.0.1",
-        f"grpc_inference_port={ports.grpc_inference}",
-        f"grpc_management_port={ports.grpc_management}",
-        "# Token authorization stays on: TorchServe writes the keys to key_file.json in its working folder.",
-        "disable_token_authorization=false",
-        "enable_model_api=false",
-        "# Uploads are images (a 4000x3000 JPEG is a few MB); a PNG overlay or JSON map is well under 16 MB.",
-        f"max_request_size={max_request_mb * mb}",
-        f"max_response_size={max_response_mb * mb}",
-        "metrics_mode=prometheus",
-        "model_metrics_auto_detect=true",
-        "enable_metrics_api=true",
-        "default_workers_per_model=1",
-        "# The image decoder has its own pixel limit with a clear error; PIL's would only warn.",
-        "limit_max_image_pixels=false",
-        "",
-    ])
+    for key, value in (("inference_address", ports.inference), ("management_address", ports.management),
+                       ("metrics_address", ports.metrics), ("grpc_inference_port", ports.grpc_inference),
+                       ("grpc_management_port", ports.grpc_management), ("max_request_size", max_request_mb * mb),
+                       ("max_response_size", max_response_mb * mb)):
+        text = re.sub(rf"^({key}=.*?)\d+$", rf"\g<1>{value}", text, flags=re.M)
+    return text
 
 
 # ------------------------------------------------------------------------------------------ server
@@ -363,17 +248,6 @@ def _resolve_weights(weights: str | None) -> str:
     return "random"
 
 
-def _archived_yaml(mar: Path) -> str | None:
-    """The ``model-config.yaml`` inside an archive (``None`` if there is no readable archive)."""
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(mar) as z:
-            return z.read("model-config.yaml").decode()
-    except (OSError, KeyError, zipfile.BadZipFile):
-        return None
-
-
 def _cmd_archive(args: argparse.Namespace) -> int:
     mar = build_archive(_settings(args), args.model_store, args.name, force=True)
     print(f"{mar}  ({mar.stat().st_size / 1e6:.1f} MB, weights {args.weights})")
@@ -385,7 +259,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     store = Path(args.model_store)
     mar = store / f"{args.name}.mar"
     settings = _settings(args)
-    if args.rebuild or _archived_yaml(mar) != settings.yaml():
+    if args.rebuild or archived_yaml(mar) != settings.yaml():
         print(f"building {mar} (weights {args.weights}) …", flush=True)
         build_archive(settings, store, args.name, force=True)
     config = Path(args.config) if args.config else None
@@ -418,7 +292,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _add_archive_options(p: argparse.ArgumentParser, weights_default: str | None) -> None:
-    from .engine import METHODS
+    from ..methods import METHODS
+    from ..validation import PRECISIONS
 
     default = weights_default or "imagenet if cached, else random with a warning"
     p.add_argument("--weights", default=weights_default,
@@ -433,8 +308,9 @@ def _add_archive_options(p: argparse.ArgumentParser, weights_default: str | None
     p.add_argument("--layer", default=None, help="explained layer; default features.29")
     p.add_argument("--batch-size", type=int, default=None,
                    help="masked inputs per forward; default the engine's: 64 on CUDA, 8 on CPU")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                   help="dtype of the masked forwards (autocast; scores stay float32); default fp32")
+    p.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
+                   help="fp32 (strict float32), tf32 (CUDA), or bf16/fp16 for the masked forwards "
+                   "(autocast; scores stay float32); default fp32")
     p.add_argument("--max-batch-size", type=int, default=4, help="requests per handler call; default 4")
     p.add_argument("--max-batch-delay", type=int, default=50, help="ms TorchServe waits to fill a batch; default 50")
     p.add_argument("--response-timeout", type=int, default=600, help="seconds per batch; default 600")
@@ -452,8 +328,8 @@ def add_parser(subparsers: Any) -> None:
                                "settings, and run TorchServe with "
                                "its temp, log, metric and pid files under runs/RUN_NAME/. Ctrl-C stops it.")
     _add_archive_options(sv, None)
-    sv.add_argument("--config", default=str(ROOT / "config.properties") if (ROOT / "config.properties").exists()
-                    else None, help="config.properties to use; default the repository's")
+    sv.add_argument("--config", default=None,
+                    help="config.properties to use; default the shipped template (unioncam/serve/config.properties)")
     sv.add_argument("--runs", default="runs", help="parent of run folders; default ./runs")
     sv.add_argument("--run-name", default=None, help="run folder name; default the start time")
     sv.add_argument("--rebuild", action="store_true",

@@ -1,0 +1,17 @@
+"""What every method shares: the captured forward/backward pass and the chunked scorer."""
+
+from .capture import Pass, black_probs, forward_pass, model_device, model_dtype
+from .scorer import DEFAULT_BATCH_SIZE, PRECISIONS, Scorer, backend_flags, default_batch_size
+
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "PRECISIONS",
+    "Pass",
+    "Scorer",
+    "backend_flags",
+    "black_probs",
+    "default_batch_size",
+    "forward_pass",
+    "model_device",
+    "model_dtype",
+]

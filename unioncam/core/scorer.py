@@ -1,0 +1,213 @@
+"""The one scoring loop: ``f_c(z)`` for many inputs, in chunks, at a chosen precision.
+
+Every forward over many inputs — the region map's masked inputs, UnionCAM's β's, Group-CAM's groups,
+the metrics and the insertion/deletion curves — goes through :class:`Scorer`: chunks of
+``batch_size`` on the model's device, channels-last, an out-of-memory back-off, the precision's backend
+flags, and a float32 softmax with no host sync per chunk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..validation import PRECISIONS, validate_batch_size, validate_precision
+from .capture import model_device, model_dtype
+
+__all__ = ["DEFAULT_BATCH_SIZE", "PRECISIONS", "Scorer", "backend_flags", "default_batch_size", "is_out_of_memory"]
+
+#: Masked inputs per forward when ``batch_size`` is not given. A GPU needs large batches to fill up; a
+#: CPU is compute-bound at any batch size (VGG16 at 224²: 198–215 ms per image for batches of 1–32 on
+#: 2 cores) and large batches only spill caches, so it gets small ones.
+DEFAULT_BATCH_SIZE = {"cuda": 64, "cpu": 8}
+
+
+def default_batch_size(device: torch.device) -> int:
+    """Masked inputs per forward on ``device`` when the caller gives none."""
+    return DEFAULT_BATCH_SIZE.get(device.type, 64)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for the errors a smaller chunk can avoid: torch's OOM and the allocators' own messages."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text.lower() or "CUDNN_STATUS_ALLOC_FAILED" in text
+                                              or "CUBLAS_STATUS_ALLOC_FAILED" in text)
+
+
+def _tf32_flags() -> list[tuple[Any, str]]:
+    """The (object, attribute) pairs that let float32 matrix maths round to TF32 on CUDA."""
+    return [(torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32")]
+
+
+@contextlib.contextmanager
+def backend_flags(device: torch.device, precision: str) -> Iterator[None]:
+    """The process-wide backend flags an explanation needs, set for the call and restored after.
+
+    ``fp32`` is strict float32: TF32 off for cuDNN convolutions and cuBLAS matmuls (torch turns it on
+    for convolutions by default on Ampere and newer). ``tf32`` turns it on. Half precisions leave it off
+    for the few float32 forwards they keep. On CUDA, cuDNN autotuning is on: an explanation runs a
+    handful of fixed shapes hundreds of times. A caller's own settings come back when the call returns.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    saved = [(obj, attr, getattr(obj, attr)) for obj, attr in _tf32_flags()]
+    saved.append((torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark))
+    try:
+        for obj, attr in _tf32_flags():
+            setattr(obj, attr, precision == "tf32")
+        torch.backends.cudnn.benchmark = True
+        yield
+    finally:
+        for obj, attr, value in saved:
+            setattr(obj, attr, value)
+
+
+class _Runner(nn.Module):
+    """Calls ``model.<method>``: a module to hand ``torch.func.functional_call`` (parameters ``model.*``)."""
+
+    def __init__(self, model: nn.Module, method: str) -> None:
+        super().__init__()
+        self.model = model
+        self.method = method
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self.model, self.method)(x)
+
+
+class Scorer:
+    """Scores inputs ``f_c(z)`` in chunks of ``batch_size``; float32 softmax; no host sync per chunk.
+
+    ``precision`` ``bf16``/``fp16`` runs the forwards under autocast, with the conv/linear weights cast
+    once per scorer rather than on every forward; the head and the softmax stay float32, and a call with
+    ``fp32=True`` runs wholly in float32. The inputs go channels-last. When the model offers
+    ``forward_normalized`` (and its ``mean``/``std``), the mask kernels normalise as they build the inputs
+    and :attr:`normalize` says so. Backend flags (TF32, cuDNN autotuning) are the caller's business:
+    wrap calls in :func:`backend_flags` (:func:`unioncam.explain_batch` does).
+
+    Args:
+        model: the classifier, on its device.
+        batch_size: inputs per forward; ``None`` → :func:`default_batch_size` of the model's device.
+        progress: anything with ``update(n)`` (a tqdm bar), told of every chunk scored.
+        precision: one of :data:`PRECISIONS`.
+    """
+
+    def __init__(self, model: nn.Module, batch_size: int | None = None, progress: Any = None,
+                 precision: str = "fp32") -> None:
+        self.model = model
+        self.device = model_device(model)
+        self.batch_size = validate_batch_size(batch_size) or default_batch_size(self.device)
+        self.progress = progress
+        self.precision = validate_precision(precision)
+        self.autocast_dtype = PRECISIONS[self.precision]
+        fused = getattr(model, "forward_normalized", None)
+        mean, std = getattr(model, "mean", None), getattr(model, "std", None)
+        self.normalize = (mean, std) if callable(fused) and isinstance(mean, torch.Tensor) and isinstance(
+            std, torch.Tensor) else None
+        # Masked inputs straight in the autocast dtype only when the model does no float math before its
+        # first layer (the fused-normalisation case); otherwise in the model's own dtype.
+        self.mask_dtype = (self.autocast_dtype if self.normalize is not None and self.autocast_dtype is not None
+                           else model_dtype(model))
+        # The last Linear (the head) stays float32 under autocast; found once, not per chunk.
+        self._head = next((m for m in reversed(list(model.modules())) if isinstance(m, nn.Linear)), None)
+        self._runners = {False: _Runner(model, "forward"),
+                         True: _Runner(model, "forward_normalized") if self.normalize is not None else None}
+
+    @functools.cached_property
+    def _low_params(self) -> dict[str, torch.Tensor]:
+        """The convolutions' and linear layers' weights and biases (the head's excepted), in the autocast dtype.
+
+        Made on the first half-precision forward, so a scorer that never runs one (the gradient
+        methods, fp32) casts nothing.
+
+        Autocast runs these layers in the low dtype and casts their float32 parameters on every call
+        (it caches casts only of parameters that require grad): for VGG16 138 M values per chunk, about
+        15 % of a bf16 forward on a CPU. Cast once here and handed to the forwards, they are the very
+        tensors autocast would have made, so the scores are bit-identical.
+        """
+        out = {}
+        for mname, mod in self.model.named_modules():
+            if mod is self._head or not isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+                continue
+            for pname, param in mod.named_parameters(recurse=False):
+                if param.is_floating_point() and param.dtype != self.autocast_dtype:
+                    out[f"model.{mname}.{pname}" if mname else f"model.{pname}"] = param.detach().to(
+                        self.autocast_dtype)
+        return out
+
+    @contextlib.contextmanager
+    def _autocast(self) -> Iterator[None]:
+        """Autocast the forwards, except the model's last ``nn.Linear`` (its head), which runs in float32.
+
+        Logits rounded to bf16 (8 significant bits) would move a softmax score by up to ~e^(|logit|/256):
+        several percent for logits of 10–30. The head is a sliver of the cost, so it stays exact.
+        """
+        if self.autocast_dtype is None:
+            yield
+            return
+        head = self._head
+        device_type = self.device.type
+
+        def fp32_head(mod: nn.Module, inputs: tuple, _out: torch.Tensor) -> torch.Tensor:
+            with torch.autocast(device_type=device_type, enabled=False):
+                bias = None if mod.bias is None else mod.bias.float()
+                return F.linear(inputs[0].float(), mod.weight.float(), bias)
+
+        handle = head.register_forward_hook(fp32_head) if head is not None else None
+        try:
+            with torch.autocast(device_type=device_type, dtype=self.autocast_dtype):
+                yield
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    def __call__(self, n: int, build: Callable[[int, int], torch.Tensor], targets: torch.Tensor,
+                 normalized: bool = False, fp32: bool = False) -> torch.Tensor:
+        """Scores ``[n]`` (float32, on the device) of ``n`` inputs made by ``build(i, j)`` (inputs ``i:j``).
+
+        ``targets``: ``[n]`` class indices on the device. ``normalized``: the inputs are already
+        normalised (``forward_normalized``). ``fp32``: run these forwards in float32 whatever the
+        precision (the few forwards that decide).
+        """
+        runner = self._runners[normalized]
+        assert runner is not None, "normalized inputs need a model with forward_normalized"
+        params = {} if fp32 or self.autocast_dtype is None else self._low_params
+        out = torch.empty(n, device=targets.device, dtype=torch.float32)
+        i, bs = 0, self.batch_size
+        while i < n:
+            j = min(n, i + bs)
+            try:
+                with torch.no_grad(), (contextlib.nullcontext() if fp32 else self._autocast()):
+                    # Channels-last inputs for the channels-last convolutions explain_batch set up.
+                    logits = torch.func.functional_call(
+                        runner, params, (build(i, j).contiguous(memory_format=torch.channels_last),))
+            except (torch.OutOfMemoryError, RuntimeError) as exc:
+                if not is_out_of_memory(exc) or bs == 1:
+                    raise
+                bs = max(1, bs // 2)  # back off rather than fail; the result does not depend on chunking
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            out[i:j] = logits.float().softmax(-1).gather(1, targets[i:j, None]).squeeze(1)
+            if self.progress is not None:
+                self.progress.update(j - i)
+            i = j
+        return out
+
+    def masked(self, images: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor,
+               fp32: bool = False) -> torch.Tensor:
+        """``f_c(x ⊙ map)`` for maps ``[n, H, W]`` of images ``[n, 3, H, W]``."""
+        return self(maps.shape[0], lambda i, j: images[i:j] * maps[i:j, None].to(images.dtype), targets,
+                    fp32=fp32)
+
+    def images(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """``f_c(x)`` for images ``[n, 3, H, W]`` (moved to the device chunk by chunk)."""
+        return self(images.shape[0], lambda i, j: images[i:j].to(self.device), targets.to(self.device))

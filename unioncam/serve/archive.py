@@ -1,0 +1,156 @@
+"""``unioncam archive``: the TorchServe model archive (``.mar``) for the current settings.
+
+The archive holds ``unioncam_handler.py`` (TorchServe's entry point: it re-exports
+:mod:`unioncam.serve.handler`), a copy of the installed ``unioncam`` package — TorchServe puts the model
+folder first on the worker's path, so the worker runs the engine the archive was built with —
+``index_to_name.json``, ``model-config.yaml`` and the weights (for ``random`` only the seed). Everything is
+read from the installed package, so a wheel builds archives as well as a source checkout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import InvalidInputError
+from ..validation import validate_method, validate_precision, validate_theta
+
+__all__ = ["ENTRY_POINT", "ArchiveSettings", "archived_yaml", "build_archive", "package_digest"]
+
+#: The archive's handler file: TorchServe imports it by name from the model folder.
+ENTRY_POINT = '''"""TorchServe's entry point of this archive: the handler lives in the archived unioncam package."""
+
+from unioncam.serve.handler import UnionCAMHandler, handle  # noqa: F401
+'''
+
+PACKAGE = Path(__file__).resolve().parent.parent
+
+
+def _package_files(weights: bool = True) -> list[Path]:
+    """The installed package's files (``weights=False``: without the shipped model weights)."""
+    return sorted(p for p in PACKAGE.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+                  and p.suffix != ".pyc" and (weights or p.suffix not in (".pt", ".pth")))
+
+
+def package_digest() -> str:
+    """SHA-256 (first 16 hex digits) of the installed package's files: an archive built from other code differs."""
+    h = hashlib.sha256()
+    for p in _package_files():
+        h.update(p.relative_to(PACKAGE).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class ArchiveSettings:
+    """What goes into ``model-config.yaml``: TorchServe's batching and the engine's defaults."""
+
+    weights: str = "imagenet"
+    seed: int = 0
+    image_size: int = 224
+    method: str = "unioncam"
+    theta: float = 10.0
+    layer: str | None = None
+    batch_size: int | None = None  # masked inputs per forward; None: the engine's default for the device
+    precision: str = "fp32"  # dtype of the masked forwards
+    max_batch_size: int = 4  # requests TorchServe groups into one handler call
+    max_batch_delay_ms: int = 50
+    response_timeout_s: int = 600  # a 224×224 UnionCAM is ~500 VGG16 forwards: minutes on a CPU
+    workers: int = 1
+
+    def yaml(self) -> str:
+        """``model-config.yaml``'s text; it names the package's digest, so changed code reads as changed."""
+        import yaml
+
+        from .. import __version__
+
+        handler = {"image_size": self.image_size, "method": self.method, "theta": self.theta,
+                   "layer": self.layer, "batch_size": self.batch_size, "precision": self.precision}
+        if self.weights == "random":
+            handler.update(weights="random", seed=self.seed)
+        else:
+            handler.update(weights="file", weights_file="vgg16.pth", source=str(self.weights))
+        handler.update(engine=f"unioncam {__version__} ({package_digest()})")
+        doc = {"minWorkers": self.workers, "maxWorkers": self.workers, "batchSize": self.max_batch_size,
+               "maxBatchDelay": self.max_batch_delay_ms, "responseTimeout": self.response_timeout_s,
+               "handler": handler}
+        return yaml.safe_dump(doc, sort_keys=False)
+
+    def validate(self) -> None:
+        """Raise :class:`InvalidInputError` for a setting the worker would refuse."""
+        validate_method(self.method)
+        validate_theta(self.theta)
+        validate_precision(self.precision)
+        for name in ("image_size", "batch_size", "max_batch_size", "workers", "response_timeout_s"):
+            v = getattr(self, name)
+            if name == "batch_size" and v is None:
+                continue
+            if not isinstance(v, int) or v < 1:
+                raise InvalidInputError(name.replace("_", "-"), f"{v!r}", "an integer ≥ 1")
+        if self.image_size < 32:
+            raise InvalidInputError("image-size", f"{self.image_size} is too small for VGG16's five poolings",
+                                    "an integer ≥ 32")
+
+
+def _weights_file(weights: str, dest: Path) -> None:
+    """Write the VGG16 state dict for ``weights`` ("imagenet" or a path) to ``dest``."""
+    import torch
+
+    from ..models import load_vgg16
+
+    if weights != "imagenet" and Path(weights).is_file():
+        load_vgg16(weights)  # refuse a file that is not a VGG16 state dict now, not in the worker
+        shutil.copyfile(weights, dest)
+        return
+    model = load_vgg16(weights)  # "imagenet": cached or downloaded; raises with instructions if neither
+    torch.save(model.state_dict(), dest)
+
+
+def build_archive(settings: ArchiveSettings, model_store: str | Path = "model_store", name: str = "unioncam",
+                  force: bool = False) -> Path:
+    """Build ``<model_store>/<name>.mar`` and return its path (kept as is when present and not ``force``)."""
+    settings.validate()
+    store = Path(model_store)
+    store.mkdir(parents=True, exist_ok=True)
+    mar = store / f"{name}.mar"
+    if mar.exists() and not force:
+        return mar
+    from ..models import imagenet_categories
+
+    with tempfile.TemporaryDirectory(prefix="unioncam-archive-") as tmp:
+        stage = Path(tmp)
+        # --extra-files copies a folder's *contents* into the archive root: "files/unioncam" → "unioncam/".
+        files = stage / "files"
+        for p in _package_files(weights=False):  # VGG16's weights go in as the serialized file
+            dest = files / "unioncam" / p.relative_to(PACKAGE)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(p, dest)
+        (files / "index_to_name.json").write_text(json.dumps({str(i): c for i, c in enumerate(imagenet_categories())}))
+        (stage / "unioncam_handler.py").write_text(ENTRY_POINT)
+        (stage / "model-config.yaml").write_text(settings.yaml())
+        cmd = [sys.executable, "-m", "model_archiver.model_packaging", "--model-name", name, "--version", "1.0",
+               "--handler", str(stage / "unioncam_handler.py"), "--config-file", str(stage / "model-config.yaml"),
+               "--export-path", str(store), "--force"]
+        if settings.weights != "random":
+            _weights_file(settings.weights, stage / "vgg16.pth")
+            cmd += ["--serialized-file", str(stage / "vgg16.pth")]
+        cmd += ["--extra-files", str(files)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not mar.exists():
+            raise RuntimeError(f"torch-model-archiver failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout}")
+    return mar
+
+
+def archived_yaml(mar: Path) -> str | None:
+    """The ``model-config.yaml`` inside an archive (``None`` if there is no readable archive)."""
+    try:
+        with zipfile.ZipFile(mar) as z:
+            return z.read("model-config.yaml").decode()
+    except (OSError, KeyError, zipfile.BadZipFile):
+        return None

@@ -1,0 +1,263 @@
+"""The explanations API's wire format, in plain Python: request bodies in, answers out.
+
+TorchServe hands the handler one ``dict`` per request (form fields, or ``body``/``data`` with the raw
+bytes or TorchServe's own JSON decode). :func:`parse` turns one into a :class:`Request` — or raises
+:class:`~unioncam.InvalidInputError` naming what was wrong — and :func:`encode` turns the answers back
+into the response body for the request's kind (plain, KServe v1, KServe v2). Nothing here imports
+TorchServe, so every case is testable in-process.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import InvalidInputError
+from ..io import decode_image, to_pixels
+from ..validation import validate_method, validate_target, validate_theta
+
+__all__ = [
+    "FORMATS",
+    "IMAGE_FIELDS",
+    "MAX_INSTANCES",
+    "OPTIONS",
+    "Defaults",
+    "Item",
+    "Request",
+    "encode",
+    "error_body",
+    "explanation_body",
+    "parse",
+    "predictions_body",
+]
+
+FORMATS = ("json", "png")
+OPTIONS = ("method", "target", "theta", "format")
+#: The request fields that may carry the image, in the order they are looked for.
+IMAGE_FIELDS = ("image", "data", "body", "file")
+#: Most instances one KServe request may carry (each is a full explanation).
+MAX_INSTANCES = 8
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What a request leaves out: the archive's settings."""
+
+    image_size: int = 224
+    method: str = "unioncam"
+    theta: float = 10.0
+    num_classes: int = 1000
+
+
+@dataclass
+class Item:
+    """One image to answer, with its validated options."""
+
+    pixels: torch.Tensor
+    method: str
+    target: int | None
+    theta: float
+    format: str
+    decode_ms: float
+
+
+@dataclass
+class Request:
+    kind: str  #: ``"plain"`` (one answer), ``"v1"`` (KServe v1: a list), ``"v2"`` (KServe v2 outputs)
+    explain: bool
+    items: list[Item] = field(default_factory=list)
+
+
+def _text(value: Any) -> Any:
+    """Multipart form fields arrive as bytes; options are text."""
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bytes(value).decode("utf-8").strip()
+        except UnicodeDecodeError:
+            return value
+    return value
+
+
+def _image(value: Any, name: str, size: int) -> tuple[torch.Tensor, float]:
+    start = time.perf_counter()
+    if isinstance(value, dict) and "b64" in value:  # KServe v1's binary convention
+        value = value["b64"]
+    if isinstance(value, str):
+        if value.startswith("data:") and "," in value:  # a data URL: data:image/png;base64,<data>
+            value = value.split(",", 1)[1]
+        try:  # `base64` without -w0 wraps lines: whitespace is not an error
+            value = base64.b64decode("".join(value.split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidInputError(name, "is text but not valid base64", "an image file, or its bytes in base64")
+    elif not isinstance(value, (bytes, bytearray)):
+        kind = "null" if value is None else type(value).__name__
+        raise InvalidInputError(name, f"is a JSON {kind}", "an image file, or its bytes in base64")
+    pixels = to_pixels(decode_image(value, field=name), size=size)
+    return pixels, (time.perf_counter() - start) * 1000
+
+
+def _options(fields: dict[str, Any], defaults: Defaults) -> tuple[str, int | None, float, str]:
+    method = validate_method(_text(fields.get("method", defaults.method)))
+    target = _text(fields.get("target"))
+    accepted = f"an integer in [0, {defaults.num_classes - 1}], or omitted / 'top1' for the predicted class"
+    if target is None or target == "" or target == "top1":
+        target = None
+    else:
+        if isinstance(target, str):
+            try:
+                target = int(target)
+            except ValueError:
+                raise InvalidInputError("target", f"{target!r} is not a class index", accepted) from None
+        try:
+            target = validate_target(target, defaults.num_classes)
+        except InvalidInputError as exc:
+            raise InvalidInputError("target", exc.problem, accepted) from None
+    theta = _text(fields.get("theta", defaults.theta))
+    if isinstance(theta, str):
+        try:
+            theta = float(theta)
+        except ValueError:
+            raise InvalidInputError("theta", f"{theta!r} is not a number", "a number in [0, 100]") from None
+    theta = validate_theta(theta)
+    fmt = _text(fields.get("format", "json"))
+    if not isinstance(fmt, str) or fmt.lower() not in FORMATS:
+        raise InvalidInputError("format", f"{fmt!r} is not a known format", ", ".join(FORMATS))
+    return method, target, theta, fmt.lower()
+
+
+def _item(image: Any, options: dict[str, Any], name: str, defaults: Defaults) -> Item:
+    method, target, theta, fmt = _options(options, defaults)
+    pixels, ms = _image(image, name, defaults.image_size)
+    return Item(pixels, method, target, theta, fmt, ms)
+
+
+def _parameters(value: Any, name: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidInputError(name, f"is a JSON {type(value).__name__}", "a JSON object of options")
+    return value
+
+
+def parse(row: dict[str, Any], explain: bool, defaults: Defaults) -> Request:
+    """One request of a TorchServe batch → :class:`Request`; raises :class:`InvalidInputError` saying why not.
+
+    ``explain``: TorchServe's per-request ``explain`` header (the ``/explanations`` and ``:explain`` routes).
+    """
+    if not row:
+        raise InvalidInputError("body", "is empty", "an image file, a multipart form or a JSON object")
+    body = next((row[k] for k in ("body", "data") if k in row), None)
+    if isinstance(body, (bytes, bytearray)) and len(row) == 1 and body[:1] in (b"{", b"["):
+        try:  # JSON sent without a JSON content type
+            body = json.loads(bytes(body).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            pass
+    if isinstance(body, list):
+        raise InvalidInputError("body", "is a JSON list", "a JSON object with 'image', 'instances' or 'inputs'")
+    if isinstance(body, dict) and len(row) == 1:
+        return _parse_json(body, explain, defaults)
+    # multipart form (one field per option) or a raw image body
+    name = next((k for k in IMAGE_FIELDS if k in row), None)
+    if name is None:
+        raise InvalidInputError(
+            "image", f"is missing (form fields: {sorted(row)})", f"a form field named one of {IMAGE_FIELDS}"
+        )
+    fields = {k: v for k, v in row.items() if k != name}
+    unknown = sorted(set(fields) - set(OPTIONS))
+    if unknown:
+        raise InvalidInputError("options", f"unknown field(s) {unknown}", ", ".join(OPTIONS))
+    return Request("plain", explain, [_item(row[name], fields, "image", defaults)])
+
+
+def _parse_json(body: dict[str, Any], explain: bool, defaults: Defaults) -> Request:
+    if "instances" in body:  # KServe v1
+        inst = body["instances"]
+        if not isinstance(inst, list) or not 1 <= len(inst) <= MAX_INSTANCES:
+            raise InvalidInputError("instances", f"is not a list of 1 to {MAX_INSTANCES} items",
+                                    f"1–{MAX_INSTANCES} instances")
+        shared = _parameters(body.get("parameters"), "parameters")
+        items = []
+        for i, x in enumerate(inst):
+            if isinstance(x, dict):
+                img_key = next((k for k in ("image", "data", "b64") if k in x), None)
+                image = x if img_key == "b64" else x.get(img_key)
+                opts = {k: v for k, v in x.items() if k != img_key}
+            else:
+                image, opts = x, {}
+            items.append(_item(image, {**shared, **opts}, f"instances[{i}]", defaults))
+        return Request("v1", explain, items)
+    if "inputs" in body:  # KServe v2 / open inference protocol
+        inputs = body["inputs"]
+        if not isinstance(inputs, list) or not inputs or not isinstance(inputs[0], dict):
+            raise InvalidInputError("inputs", "is not a list of tensors", "[{'name', 'datatype': 'BYTES', 'data': [base64]}]")
+        data = inputs[0].get("data")
+        if not isinstance(data, list) or not 1 <= len(data) <= MAX_INSTANCES:
+            raise InvalidInputError("inputs[0].data", f"is not a list of 1 to {MAX_INSTANCES} images", "base64 strings")
+        opts = dict(_parameters(body.get("parameters"), "parameters"))
+        opts.update(_parameters(inputs[0].get("parameters"), "inputs[0].parameters"))
+        opts = {k: v for k, v in opts.items() if k in OPTIONS}
+        return Request("v2", explain,
+                       [_item(d, opts, f"inputs[0].data[{i}]", defaults) for i, d in enumerate(data)])
+    if "image" not in body:
+        raise InvalidInputError("image", f"is missing (keys: {sorted(body)})", "a JSON object {'image': <base64>, ...}")
+    unknown = sorted(set(body) - {"image", *OPTIONS})
+    if unknown:
+        raise InvalidInputError("options", f"unknown key(s) {unknown}", ", ".join(OPTIONS))
+    opts = {k: v for k, v in body.items() if k != "image"}
+    return Request("plain", explain, [_item(body["image"], opts, "image", defaults)])
+
+
+# ------------------------------------------------------------------------------------------ answers
+
+
+def predictions_body(probs: torch.Tensor, categories: list[str], k: int = 5) -> list[list[dict[str, Any]]]:
+    """Top-``k`` classes of each row of ``probs`` ``[N, classes]``."""
+    top = probs.topk(min(k, probs.shape[1]), dim=1)
+    values, indices = top.values.cpu().tolist(), top.indices.cpu().tolist()
+    return [[{"class": c, "class_name": categories[c], "probability": p} for c, p in zip(ci, pi)]
+            for ci, pi in zip(indices, values)]
+
+
+def explanation_body(res: Any, category: str, timings: dict[str, float]) -> dict[str, Any]:
+    """An :class:`~unioncam.Explanation` as JSON: the map as base64 float16, row-major ``[H, W]``."""
+    data = base64.b64encode(res.saliency.to(torch.float16).numpy().tobytes()).decode("ascii")
+    return {
+        "class": res.target,
+        "class_name": category,
+        "score": res.score,
+        "method": res.method,
+        "map": {"dtype": "float16", "byteorder": sys.byteorder, "shape": list(res.saliency.shape), "data": data},
+        "details": res.details,
+        "timings": timings,
+    }
+
+
+def encode(req: Request, answers: list[Any], model_name: str) -> tuple[Any, str]:
+    """The response body and content type for ``req``'s answers (dicts, lists, or PNG bytes)."""
+    if req.kind == "plain":
+        ans = answers[0]
+        if isinstance(ans, bytes):
+            return ans, "image/png"
+        return (ans if req.explain else {"predictions": ans}), "application/json"
+    answers = [base64.b64encode(a).decode("ascii") if isinstance(a, bytes) else a for a in answers]
+    name = "explanations" if req.explain else "predictions"
+    if req.kind == "v1":
+        return {name: answers}, "application/json"
+    return {
+        "model_name": model_name,
+        "outputs": [{"name": name, "datatype": "BYTES", "shape": [len(answers)],
+                     "data": [json.dumps(a) for a in answers]}],
+    }, "application/json"
+
+
+def error_body(code: int, exc: InvalidInputError) -> dict[str, Any]:
+    """``{"code", "error": {"field", "problem", "accepted"}, "message"}``."""
+    return {"code": code, "error": {"field": exc.field, "problem": exc.problem, "accepted": exc.accepted},
+            "message": str(exc)}
