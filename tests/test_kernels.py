@@ -256,9 +256,10 @@ def _route_to_kernels(monkeypatch) -> dict[str, int]:
 
         return wrapper
 
+    monkeypatch.delenv(_triton.SWITCH, raising=False)
+    monkeypatch.setattr(_triton, "_FAILED", {})
     if DEVICE.type == "cpu":  # on a GPU, dispatch picks the kernels for CUDA tensors by itself
-        for mod in (denoise_mod, masks_mod):
-            monkeypatch.setattr(mod, "use_triton", lambda *tensors: True)
+        monkeypatch.setattr(_triton, "on_gpu", lambda *tensors: True)
     monkeypatch.setattr(denoise_mod, "denoise_triton", counted("denoise", denoise_mod.denoise_triton))
     monkeypatch.setattr(masks_mod, "upsampled_range_triton", counted("range", masks_mod.upsampled_range_triton))
     monkeypatch.setattr(masks_mod, "masked_inputs_triton", counted("masked", masks_mod.masked_inputs_triton))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, INTERPRETED, tl, triton, use_triton
+from ._triton import HAS_TRITON, INTERPRETED, KernelUnavailable, fall_back, launch, tl, triton, use_triton
 
 __all__ = ["denoise", "denoise_torch", "denoise_triton"]
 
@@ -148,6 +148,9 @@ def denoise_triton(
 
     Each program thresholds and weighs its channels and writes their partial channel sum; one torch
     sum over the blocks finishes it, in a fixed order, so the result is deterministic.
+
+    Raises:
+        KernelUnavailable: the kernel could not be built or launched.
     """
     if not HAS_TRITON:
         raise RuntimeError("denoise_triton needs triton; use denoise() to fall back to torch")
@@ -160,8 +163,8 @@ def denoise_triton(
     blocks = triton.cdiv(K, block_k)
     cam = torch.empty(B, blocks, h, w, device=g.device, dtype=torch.float32)
     counts = torch.empty(B, blocks, 3, device=g.device, dtype=torch.int32)
-    _denoise_kernel[(B, blocks)](
-        g, a, cam, counts, K, HW, rank_lo, rank_hi, weight,
+    launch(
+        "denoise", _denoise_kernel, (B, blocks), g, a, cam, counts, K, HW, rank_lo, rank_hi, weight,
         BLOCK_K=block_k, BLOCK_N=block_n, num_warps=num_warps,
     )
     n_removed, n_positive, n_removed_pos = counts.sum(1, dtype=torch.int64).unbind(1)
@@ -171,7 +174,10 @@ def denoise_triton(
 def denoise(
     grads: torch.Tensor, acts: torch.Tensor, theta: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """AMD on the best available path (see :func:`denoise_torch` for the contract)."""
-    if use_triton(grads, acts):
-        return denoise_triton(grads, acts, theta)
+    """AMD on the best available path (see :func:`denoise_torch` for the contract, :func:`use_triton`)."""
+    if use_triton(grads, acts, op="denoise"):
+        try:
+            return denoise_triton(grads, acts, theta)
+        except KernelUnavailable as e:
+            fall_back("denoise", e)
     return denoise_torch(grads, acts, theta)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, INTERPRETED, tl, triton, use_triton
+from ._triton import HAS_TRITON, INTERPRETED, KernelUnavailable, fall_back, launch, tl, triton, use_triton
 from .maps import up
 
 __all__ = [
@@ -178,7 +178,11 @@ def masked_blocks(H: int, W: int, block_r: int | None = None, block_p: int | Non
 def upsampled_range_triton(
     acts: torch.Tensor, size: tuple[int, int], block_r: int | None = None, block_p: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Contract of :func:`upsampled_range_torch`; the up-sampled maps exist only tile by tile."""
+    """Contract of :func:`upsampled_range_torch`; the up-sampled maps exist only tile by tile.
+
+    Raises:
+        KernelUnavailable: the kernel could not be built or launched.
+    """
     if not HAS_TRITON:
         raise RuntimeError("upsampled_range_triton needs triton; use upsampled_range() to fall back to torch")
     B, K, h, w = acts.shape
@@ -187,7 +191,8 @@ def upsampled_range_triton(
     lo = torch.empty(B * K, device=a.device, dtype=torch.float32)
     hi = torch.empty_like(lo)
     block_r, block_p, num_warps = range_blocks(H, W, block_r, block_p)
-    _range_kernel[(triton.cdiv(B * K, block_r),)](
+    launch(
+        "upsampled_range", _range_kernel, (triton.cdiv(B * K, block_r),),
         a, lo, hi, B * K, h, w, H, W, _scale(h, H), _scale(w, W), BLOCK_R=block_r, BLOCK_P=block_p,
         num_warps=num_warps,
     )
@@ -212,6 +217,9 @@ def masked_inputs_triton(
     Up-sampling, min–max, the product with the image and the optional normalisation happen in
     registers: no float32 ``[n, 3, H, W]`` intermediate exists. ``channels_last`` picks the layout of
     the result (what cuDNN convolutions prefer).
+
+    Raises:
+        KernelUnavailable: the kernel could not be built or launched.
     """
     if not HAS_TRITON:
         raise RuntimeError("masked_inputs_triton needs triton; use masked_inputs() to fall back to torch")
@@ -230,7 +238,8 @@ def masked_inputs_triton(
         mean = std = lo  # never read: NORMALIZE is a compile-time False
     block_r, block_p, num_warps = masked_blocks(H, W, block_r, block_p)
     grid = (triton.cdiv(n, block_r), triton.cdiv(H * W, block_p))
-    _masked_kernel[grid](
+    launch(
+        "masked_inputs", _masked_kernel, grid,
         x, acts.contiguous(), image_idx.contiguous(), channel_idx.contiguous(), lo.contiguous(),
         hi.contiguous(), mean, std, out, n, K, h, w, H, W, _scale(h, H), _scale(w, W), *out.stride(),
         NORMALIZE=normalize is not None, BLOCK_R=block_r, BLOCK_P=block_p, num_warps=num_warps,
@@ -239,9 +248,12 @@ def masked_inputs_triton(
 
 
 def upsampled_range(acts: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel range of the up-sampled maps on the best available path."""
-    if use_triton(acts):
-        return upsampled_range_triton(acts, size)
+    """Per-channel range of the up-sampled maps on the best available path (see :func:`use_triton`)."""
+    if use_triton(acts, op="upsampled_range"):
+        try:
+            return upsampled_range_triton(acts, size)
+        except KernelUnavailable as e:
+            fall_back("upsampled_range", e)
     return upsampled_range_torch(acts, size)
 
 
@@ -255,12 +267,15 @@ def masked_inputs(
     out_dtype: torch.dtype = torch.float32,
     normalize: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Masked inputs on the best available path (see :func:`masked_inputs_torch`).
+    """Masked inputs on the best available path (see :func:`masked_inputs_torch` and :func:`use_triton`).
 
     On the Triton path the result is channels-last, the layout cuDNN prefers for the forwards.
     """
-    if use_triton(images, acts):
-        return masked_inputs_triton(
-            images, acts, image_idx, channel_idx, lo, hi, out_dtype, normalize, channels_last=True
-        )
+    if use_triton(images, acts, op="masked_inputs"):
+        try:
+            return masked_inputs_triton(
+                images, acts, image_idx, channel_idx, lo, hi, out_dtype, normalize, channels_last=True
+            )
+        except KernelUnavailable as e:
+            fall_back("masked_inputs", e)
     return masked_inputs_torch(images, acts, image_idx, channel_idx, lo, hi, out_dtype, normalize)
