@@ -220,6 +220,104 @@ def test_masked_inputs_kernel_layout_and_empty():
     assert masked_inputs_triton(images, acts, none, none, lo[0, :0], hi[0, :0]).shape == (0, 3, 9, 9)
 
 
+def test_launch_grids_stay_within_cuda_limits(monkeypatch):
+    # CUDA launches at most 2**31 − 1 programs on grid axis 0 and 65,535 on axes 1 and 2. Before, the
+    # pixel blocks of masked_inputs sat on axis 1: images over ~67 MP (⌈H·W/1024⌉ > 65,535) could not
+    # launch. Now pixel blocks go on axis 0 and masked inputs are split over axes 1 and 2.
+    monkeypatch.setattr(masks_mod, "INTERPRETED", False)
+    for n, H, W in ((70_000, 10_000, 10_000), (70_000, 224, 224), (1, 1, 1), (65_535, 8_200, 8_200),
+                    (5_000_000, 20_000, 30_000)):
+        block_r, block_p, _ = masks_mod.masked_blocks(H, W)
+        grid = masks_mod.masked_grid(n, H, W, block_r, block_p)
+        assert len(grid) == 3 and grid[0] <= _triton.MAX_GRID_X, grid
+        assert max(grid[1:]) <= _triton.MAX_GRID_YZ and min(grid) >= 1, grid
+        assert grid[0] * block_p >= H * W  # every pixel
+        row_blocks = -(-n // block_r)
+        assert row_blocks <= grid[1] * grid[2] < row_blocks + grid[2]  # every masked input, little idle
+    assert masks_mod.masked_grid(70_000, 10_000, 10_000, 1, 1024) == (97_657, 35_000, 2)
+    for rows in (70_000, 64 * 512 * 200):  # B·K maps of upsampled_range
+        block_r = masks_mod.range_blocks(224, 224)[0]
+        (programs,) = masks_mod.range_grid(rows, block_r)
+        assert programs * block_r >= rows and programs <= _triton.MAX_GRID_X
+    with pytest.raises(ValueError):
+        masks_mod.masked_grid(1, 50_000, 50_000, 1, 1024)  # over 2**31 pixels
+
+
+def test_wide_offsets_are_picked_where_int32_overflows():
+    # (rows, cols, row stride, col stride) of one map or image: int64 offsets only where needed.
+    assert not masks_mod._wide((14, 14, 14 * 512, 512), (224, 224, 224, 1))  # VGG16, channels-last maps
+    assert masks_mod._wide((10_000, 10_000, 10_000 * 64, 64))  # features.2 of a 10000² image, channels-last
+    assert not masks_mod._wide((10_000, 10_000, 10_000, 1))  # the same image's pixels, one colour plane
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_masked_inputs_split_over_grid_axes_and_wide_match_twin(channels_last):
+    # With axes 1 and 2 capped at 3 programs, 7 masked inputs take a 3 × 3 split (two programs idle):
+    # the same tiling a launch of more than 65,535 masked inputs gets. Then the int64 (WIDE) variant.
+    gen = torch.Generator().manual_seed(5 + channels_last)
+    acts = torch.randn(2, 5, 6, 4, generator=gen)
+    images = torch.rand(2, 3, 19, 23, generator=gen)
+    if channels_last:
+        acts = acts.to(memory_format=torch.channels_last)
+    lo, hi = upsampled_range_torch(acts, (19, 23))
+    b_idx, k_idx = torch.tensor([1, 0, 1, 1, 0, 0, 1]), torch.tensor([4, 0, 2, 1, 3, 4, 0])
+    args = (images, acts, b_idx, k_idx, lo[b_idx, k_idx], hi[b_idx, k_idx], torch.float32, (MEAN, STD))
+    want = masked_inputs_torch(*args)
+    assert masks_mod.masked_grid(7, 19, 23, 1, 512, max_yz=3) == (1, 3, 3)
+    got = masked_inputs_triton(*args, block_r=1, max_yz=3)
+    torch.testing.assert_close(got, want, **MASK_TOL[torch.float32])
+    got = masked_inputs_triton(*args, wide=True, channels_last=True)
+    torch.testing.assert_close(got, want, **MASK_TOL[torch.float32])
+    lo_k, hi_k = upsampled_range_triton(acts, (19, 23), wide=True)
+    torch.testing.assert_close(lo_k, lo, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(hi_k, hi, rtol=1e-6, atol=1e-6)
+
+
+class _Recording:
+    """Wraps a jit kernel: records the arguments of each launch, then launches it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.args = kernel, []
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.args.append(args)
+            return self.kernel[grid](*args, **kwargs)
+
+        return run
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_kernels_read_channels_last_activations_without_copy(dtype, normalize, monkeypatch):
+    # Models give activations channels-last: the kernels read them through their strides, the twin
+    # gathers the selected maps; results equal each other and the contiguous-input results.
+    gen = torch.Generator().manual_seed(17 + normalize)
+    acts_c = torch.randn(2, 7, 5, 6, generator=gen)
+    acts = acts_c.to(memory_format=torch.channels_last)
+    assert acts.stride(1) == 1 and not acts.is_contiguous()
+    images = torch.rand(2, 3, 29, 31, generator=gen).to(memory_format=torch.channels_last)
+    lo, hi = upsampled_range_torch(acts, (29, 31))
+    assert torch.equal(lo, upsampled_range_torch(acts_c, (29, 31))[0])
+    masked = _Recording(masks_mod._masked_kernel)
+    ranged = _Recording(masks_mod._range_kernel)
+    monkeypatch.setattr(masks_mod, "_masked_kernel", masked)
+    monkeypatch.setattr(masks_mod, "_range_kernel", ranged)
+    lo_k, hi_k = upsampled_range_triton(acts, (29, 31))
+    torch.testing.assert_close(lo_k, lo, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(hi_k, hi, rtol=1e-6, atol=1e-6)
+    pick = torch.randint(0, 14, (9,), generator=gen)
+    b_idx, k_idx = pick // 7, pick % 7
+    args = (images, acts, b_idx, k_idx, lo[b_idx, k_idx], hi[b_idx, k_idx], dtype, (MEAN, STD) if normalize else None)
+    want = masked_inputs_torch(*args)
+    torch.testing.assert_close(masked_inputs_torch(images.contiguous(), acts_c, *args[2:]), want, rtol=0, atol=0)
+    got = masked_inputs_triton(*args, channels_last=True)
+    torch.testing.assert_close(got.float(), want.float(), **MASK_TOL[dtype])
+    if DEVICE.type == "cpu":  # the very tensors were launched on: no contiguous copy was made
+        assert ranged.args[0][0] is acts
+        assert masked.args[0][0] is images and masked.args[0][1] is acts
+
+
 def test_dispatch_uses_torch_for_cpu_tensors():
     assert not _triton.use_triton(torch.zeros(1))
 

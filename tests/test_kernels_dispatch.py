@@ -130,6 +130,18 @@ def test_build_failure_falls_back_with_one_warning(op, as_on_gpu, monkeypatch):
     assert all(_triton.use_triton(torch.zeros(1), op=other) for other in OPS if other != op)
 
 
+def test_errors_outside_the_launch_are_not_swallowed(as_on_gpu, monkeypatch):
+    # Only a failure to build or launch a kernel falls back; an input the kernel cannot take is the
+    # caller's error, raised before anything is launched (or allocated).
+    mod, name, public, twin, (images, acts, *rest) = _inputs("masked_inputs")
+    kernel = FailingKernel()
+    monkeypatch.setattr(mod, name, kernel)
+    huge = images[:, :, :1, :1].expand(2, 3, 50_000, 50_000)  # 2.5e9 pixels, over 2**31: a view, no memory
+    with pytest.raises(ValueError, match="2\\*\\*31 pixels"):
+        public(huge, acts, *rest)
+    assert kernel.launches == 0 and _triton._FAILED == {}
+
+
 @pytest.mark.skipif(not _triton.INTERPRETED, reason="CPU tensors reach a kernel only through the interpreter")
 @pytest.mark.parametrize("op", OPS)
 def test_kernel_runs_when_dispatch_allows(op, as_on_gpu, monkeypatch):

@@ -67,13 +67,13 @@ def _cases() -> list[tuple[str, object, dict[str, str], dict[str, object], int, 
         config = f"K={K} hw={h}x{h} BLOCK_K={bk} BLOCK_N={bn}"
         out.append(("denoise", _denoise_kernel, sig, consts, nw, config))
     br, bp, nw = range_blocks(224, 224)
-    consts = {"BLOCK_R": br, "BLOCK_P": bp}
+    consts = {"WIDE": False, "BLOCK_R": br, "BLOCK_P": bp}
     sig = _signature(_range_kernel, consts, a_ptr=f32, lo_ptr=f32, hi_ptr=f32, scale_h="fp32", scale_w="fp32")
     out.append(("upsampled_range", _range_kernel, sig, consts, nw, f"224x224 BLOCK_R={br} BLOCK_P={bp}"))
     br, bp, nw = masked_blocks(224, 224)
     for out_ty in ("fp32", "bf16", "fp16"):
         for normalize in (True, False):
-            consts = {"NORMALIZE": normalize, "BLOCK_R": br, "BLOCK_P": bp}
+            consts = {"NORMALIZE": normalize, "WIDE": False, "BLOCK_R": br, "BLOCK_P": bp}
             sig = _signature(
                 _masked_kernel, consts, x_ptr=f32, a_ptr=f32, bi_ptr="*i64", ki_ptr="*i64", lo_ptr=f32,
                 hi_ptr=f32, mean_ptr=f32, std_ptr=f32, out_ptr=f"*{out_ty}", scale_h="fp32", scale_w="fp32",
