@@ -1,0 +1,125 @@
+"""A user's install: the wheel with ``[serve]`` in a fresh venv, every command run from an unrelated folder.
+
+The venv gets the wheel itself (no checkout on any path) and borrows the already-installed
+dependencies (torch, TorchServe, …) through a ``.pth`` line, as the machine is offline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import pytest
+
+from unioncam.serve.server import Ports, config_text
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = [pytest.mark.slow, pytest.mark.server]
+
+
+def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 300) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{cmd} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def user(tmp_path_factory):
+    """A venv holding only the wheel, and an environment that knows nothing of the checkout."""
+    base = tmp_path_factory.mktemp("wheel")
+    dist = base / "dist"
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w", str(dist),
+          str(ROOT)], cwd=base, env=dict(os.environ))
+    (wheel,) = dist.glob("unioncam-*.whl")
+    venv = base / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    _run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "--quiet", str(wheel)],
+         cwd=base, env=dict(os.environ))
+    site = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    # Dependencies from this environment's site-packages, after the venv's own (the wheel wins).
+    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    # The venv's scripts first; TorchServe's launcher from this environment.
+    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    work = base / "elsewhere"
+    work.mkdir()
+    where = _run([str(py), "-c", "import unioncam; print(unioncam.__file__)"], cwd=work, env=env).strip()
+    assert where.startswith(str(site)), where  # the installed wheel, not the checkout
+    return {"bin": venv / "bin", "py": py, "env": env, "work": work}
+
+
+def test_archive_from_the_wheel(user):
+    out = _run([str(user["bin"] / "unioncam"), "archive", "--weights", "random", "--image-size", "32",
+                "--model-store", "store"], cwd=user["work"], env=user["env"])
+    assert (user["work"] / "store" / "unioncam.mar").is_file(), out
+
+
+def test_serve_from_the_wheel(user):
+    import requests
+
+    work = user["work"]
+    config = work / "config.properties"
+    config.write_text(config_text(Ports.free()))
+    proc = subprocess.Popen(
+        [str(user["bin"] / "unioncam"), "serve", "--weights", "random", "--image-size", "32", "--method", "gradcam",
+         "--model-store", "serve-store", "--run-name", "t", "--config", str(config)],
+        cwd=work, env={**user["env"], "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("Ctrl-C stops"):
+                break
+        assert any(x.startswith("ready:") for x in lines), "".join(lines)
+        run = work / "runs" / "t"
+        key = json.loads((run / "key_file.json").read_text())["inference"]["key"]
+        url = f"http://127.0.0.1:{_inference_port(config)}"
+        auth = {"Authorization": f"Bearer {key}"}
+        image = (ROOT / "samples" / "chelsea.png").read_bytes()
+        r = requests.post(f"{url}/predictions/unioncam", data=image, headers=auth, timeout=60)
+        assert r.status_code == 200 and len(r.json()["predictions"]) == 5
+        r = requests.post(f"{url}/explanations/unioncam", files={"image": image}, data={"method": "gradcam"},
+                          headers=auth, timeout=120)
+        assert r.status_code == 200 and r.json()["map"]["shape"] == [32, 32]
+        ready = next(x for x in (run / "logs" / "model_log.log").read_text().splitlines()
+                     if "unioncam handler ready" in x)
+        assert str(ROOT) not in ready, ready  # the worker runs the archived engine, not the checkout
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, "".join(lines) + rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _inference_port(config: Path) -> int:
+    from unioncam.serve.server import _ports_of
+
+    return _ports_of(config.read_text()).inference
+
+
+def test_evaluate_shapes_from_the_wheel(user):
+    work = user["work"]
+    _run([str(user["py"]), "-c", "from unioncam.eval.groundtruth import write_folder; write_folder('shapes', 1, 4)"],
+         cwd=work, env=user["env"])
+    out = _run([str(user["bin"] / "unioncam"), "evaluate", "shapes/images", "--model", "shapes", "--size", "64",
+                "--method", "gradcam,unioncam", "--masks", "shapes/masks", "--out", "eval", "-q"],
+               cwd=work, env=user["env"])
+    assert "| unioncam | 4 |" in out and "| gradcam | 4 |" in out
+    settings = json.loads((work / "eval" / "results.json").read_text())["settings"]
+    assert settings["model"] == "shapes" and settings["images"] == 4
