@@ -220,6 +220,37 @@ def test_masked_inputs_kernel_layout_and_empty():
     assert masked_inputs_triton(images, acts, none, none, lo[0, :0], hi[0, :0]).shape == (0, 3, 9, 9)
 
 
+@pytest.mark.parametrize(
+    "hw,channels,theta,gpu_blocks",
+    [((7, 7), 6, 10.0, True), ((14, 14), 6, 63.7, True), ((28, 28), 6, 10.0, True), ((56, 56), 6, 63.7, False),
+     ((112, 112), 2, 10.0, False), ((112, 112), 1, 63.7, True), ((13, 17), 6, 37.3, True), ((13, 17), 6, 90.0, False)],
+)
+def test_denoise_kernel_streams_maps_of_any_size(hw, channels, theta, gpu_blocks, monkeypatch):
+    # The kernel streams each channel tile by tile; the percentile stays exact (counts equal the twin's)
+    # at every size, with the interpreter's tiles and with the GPU's (1024 values: 112² takes 13 tiles,
+    # the last one partial; 13×17 pads). Few channels keep the interpreter quick.
+    if gpu_blocks:
+        monkeypatch.setattr(denoise_mod, "INTERPRETED", False)
+    gen = torch.Generator().manual_seed(hw[0] * 1000 + hw[1])
+    shape = (2 if hw == (13, 17) else 1, 6, *hw)
+    grads = _gradients(gen, shape)[:, 6 - channels :]  # the last channels: non-positive and plain random
+    acts = torch.randn(grads.shape, generator=gen)
+    cam_t, removed_t, pos_t = denoise_torch(grads, acts, theta)
+    cam_k, removed_k, pos_k = denoise_triton(grads, acts, theta)
+    torch.testing.assert_close(cam_k, cam_t, rtol=1e-5, atol=1e-6)
+    assert torch.equal(removed_k, removed_t)
+    assert torch.equal(pos_k, pos_t)
+
+
+def test_denoise_blocks_hold_a_fixed_tile(monkeypatch):
+    # Registers follow the tile, not h·w: on a GPU a tile never holds more than 1024 values.
+    monkeypatch.setattr(denoise_mod, "INTERPRETED", False)
+    for K, h in ((64, 224), (128, 112), (256, 56), (512, 28), (512, 14), (512, 7), (3, 1)):
+        block_k, block_n, warps = denoise_mod.denoise_blocks(K, h * h)
+        assert block_k * block_n <= 1024 and warps == 4, (K, h)
+    assert denoise_mod.denoise_blocks(64, 224 * 224)[:2] == (1, 1024)
+
+
 def test_launch_grids_stay_within_cuda_limits(monkeypatch):
     # CUDA launches at most 2**31 − 1 programs on grid axis 0 and 65,535 on axes 1 and 2. Before, the
     # pixel blocks of masked_inputs sat on axis 1: images over ~67 MP (⌈H·W/1024⌉ > 65,535) could not

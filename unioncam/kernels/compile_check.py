@@ -62,7 +62,7 @@ def _cases() -> list[tuple[str, object, dict[str, str], dict[str, object], int, 
     for K, h in ((512, 14), (64, 56)):
         bk, bn, nw = denoise_blocks(K, h * h)
         consts = {"BLOCK_K": bk, "BLOCK_N": bn}
-        sig = _signature(_denoise_kernel, consts, g_ptr=f32, a_ptr=f32, cam_ptr=f32, count_ptr="*i32",
+        sig = _signature(_denoise_kernel, consts, g_ptr=f32, a_ptr=f32, cam_ptr=f32, count_ptr="*i64",
                          weight="fp32")
         config = f"K={K} hw={h}x{h} BLOCK_K={bk} BLOCK_N={bn}"
         out.append(("denoise", _denoise_kernel, sig, consts, nw, config))

@@ -7,7 +7,8 @@ For each channel ``k`` of the gradient ``W`` (shape ``[B, K, h, w]``):
 
 Two paths, one contract: :func:`denoise_torch` (plain torch) and :func:`denoise_triton` (one launch:
 percentile, threshold, weighting, per-block channel sums and the removed-fraction counts fused; one
-small torch sum over the channel blocks finishes it).
+small torch sum over the channel blocks finishes it). The kernel streams each channel in fixed-size
+tiles, so its registers do not grow with the map size.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ if HAS_TRITON:
     def _order_key(v):
         # IEEE floats ordered as signed ints once the magnitude bits of negatives are flipped.
         bits = v.to(tl.int32, bitcast=True)
-        return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
+        return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
     @triton.jit
     def _denoise_kernel(
@@ -73,72 +74,143 @@ if HAS_TRITON:
     ):
         # Program (b, j): channels j·BLOCK_K … of image b. It writes that block's share of the channel
         # sum (cam_ptr[b, j, :]) and its three counts (count_ptr[b, j, :]); the caller sums the blocks.
+        # Each channel is streamed in tiles of BLOCK_N values, pass after pass, so registers hold one
+        # tile whatever h·w is (a whole channel in registers spilled from 112² on). The passes are
+        # `while` loops: see _triton's docstring on runtime trip counts.
         b = tl.program_id(0)
         j = tl.program_id(1)
         cols = tl.arange(0, BLOCK_N)
-        col_ok = cols < HW
-        BIG: tl.constexpr = 1 << 40  # above every int32 key: padding never counts as "≤ t"
+        KEY_MAX: tl.constexpr = 2**31 - 1
+        KEY_MIN: tl.constexpr = -(2**31)
         rows = j * BLOCK_K + tl.arange(0, BLOCK_K)
-        row_ok = rows < K
-        ok = row_ok[:, None] & col_ok[None, :]
-        offs = (b * K + rows[:, None]).to(tl.int64) * HW + cols[None, :]
-        g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        key = tl.where(ok, _order_key(g), BIG)
-        # eq. 1, the percentile: the rank_lo-th smallest key by bisection on [min, max] (exact,
-        # 32 halvings cover the int32 range; no sort).
-        lo = tl.min(key, axis=1)
-        hi = tl.max(tl.where(ok, key, -BIG), axis=1)
-        for _ in range(32):
+        # The block's first value is an int64 offset (B·K·h·w passes 2**31 on large batches of large
+        # maps); offsets within the block are int32 (the launcher keeps BLOCK_K·h·w under 2**31), which
+        # spares the 64-bit row offsets that ptxas otherwise spills.
+        first = (b.to(tl.int64) * K + j * BLOCK_K) * HW
+        g_blk = g_ptr + first
+        a_blk = a_ptr + first
+        # Padding rows past K repeat channel K − 1 until the last two passes, which mask them out: the
+        # percentile search then needs no row mask (predicates live across it were spilled to the stack).
+        row_off = ((tl.minimum(rows, K - 1) - j * BLOCK_K) * HW)[:, None]
+
+        # Pass 1: each channel's smallest and largest key. Keys are int32 (half the registers of the
+        # tiles); the bisection's bounds are int64 so that lo + (hi − lo) / 2 cannot overflow.
+        lo = tl.full([BLOCK_K], KEY_MAX, tl.int32)
+        hi = tl.full([BLOCK_K], KEY_MIN, tl.int32)
+        p0 = 0
+        while p0 < HW:
+            pix = p0 + cols
+            ok = (pix < HW)[None, :]
+            key = _order_key(tl.load(g_blk + row_off + pix[None, :], mask=ok, other=0.0).to(tl.float32))
+            lo = tl.minimum(lo, tl.min(tl.where(ok, key, KEY_MAX), axis=1))
+            hi = tl.maximum(hi, tl.max(tl.where(ok, key, KEY_MIN), axis=1))
+            p0 += BLOCK_N
+        lo = lo.to(tl.int64)
+        hi = hi.to(tl.int64)
+
+        # eq. 1, the percentile: the rank_lo-th smallest key by bisection on [min, max] (exact, at most
+        # 32 halvings for the int32 range; no sort), one counting pass per halving, until every
+        # channel's range is a single key.
+        while tl.max(hi - lo, axis=0) > 0:
             mid = lo + ((hi - lo) >> 1)
-            cnt = tl.sum((key <= mid[:, None]).to(tl.int32), axis=1)
+            mid32 = mid.to(tl.int32)  # lo ≤ mid ≤ hi: a key, so it fits
+            cnt = tl.zeros([BLOCK_K], tl.int32)
+            p0 = 0
+            while p0 < HW:
+                pix = p0 + cols
+                ok = (pix < HW)[None, :]
+                key = _order_key(tl.load(g_blk + row_off + pix[None, :], mask=ok, other=0.0).to(tl.float32))
+                cnt += tl.sum((ok & (key <= mid32[:, None])).to(tl.int32), axis=1)
+                p0 += BLOCK_N
             take = cnt >= rank_lo + 1
             hi = tl.where(take, mid, hi)
             lo = tl.where(take, lo, mid + 1)
-        t = lo
-        at_or_below = key <= t[:, None]
-        v_lo = tl.max(tl.where(at_or_below, g, float("-inf")), axis=1)
-        cnt_t = tl.sum(at_or_below.to(tl.int32), axis=1)
+        t = lo.to(tl.int32)
+
+        # Pass: the rank_lo-th value, how many keys are at or below it, and the smallest value above.
+        v_lo = tl.full([BLOCK_K], float("-inf"), tl.float32)
+        next_up = tl.full([BLOCK_K], float("inf"), tl.float32)
+        cnt_t = tl.zeros([BLOCK_K], tl.int32)
+        p0 = 0
+        while p0 < HW:
+            pix = p0 + cols
+            ok = (pix < HW)[None, :]
+            g = tl.load(g_blk + row_off + pix[None, :], mask=ok, other=0.0).to(tl.float32)
+            key = _order_key(g)
+            at_or_below = ok & (key <= t[:, None])
+            v_lo = tl.maximum(v_lo, tl.max(tl.where(at_or_below, g, float("-inf")), axis=1))
+            cnt_t += tl.sum(at_or_below.to(tl.int32), axis=1)
+            next_up = tl.minimum(next_up, tl.min(tl.where(ok & (key > t[:, None]), g, float("inf")), axis=1))
+            p0 += BLOCK_N
         # The next order statistic is v_lo again when it is tied, else the smallest value above it.
-        next_up = tl.min(tl.where(ok & (key > t[:, None]), g, float("inf")), axis=1)
         v_hi = tl.where(cnt_t >= rank_hi + 1, v_lo, next_up)
-        # Padding rows past K have no values (±inf above): keep them finite so nothing turns NaN.
-        v_lo = tl.where(row_ok, v_lo, 0.0)
-        v_hi = tl.where(row_ok, v_hi, 0.0)
         # torch's lerp, branch for branch, so the threshold matches torch.quantile's.
         diff = v_hi - v_lo
         p = tl.where(weight < 0.5, v_lo + weight * diff, v_hi - diff * (1.0 - weight))
-        removed = ok & (g < p[:, None])
-        d = tl.where(removed, 0.0, g)  # D_k
-        pos = tl.maximum(d, 0.0)  # relu(D_k)
-        s = tl.sum(pos, axis=1)  # S_k
+
+        # Pass: S_k = Σ relu(D_k) and the counts.
+        row_ok = rows < K
+        s = tl.zeros([BLOCK_K], tl.float32)
+        # Per-block counts: int32 holds them (BLOCK_K·h·w < 2**31); one scalar each keeps them cheap.
+        n_removed = tl.full([], 0, tl.int32)
+        n_positive = tl.full([], 0, tl.int32)
+        n_removed_pos = tl.full([], 0, tl.int32)
+        p0 = 0
+        while p0 < HW:
+            pix = p0 + cols
+            ok = row_ok[:, None] & (pix < HW)[None, :]
+            g = tl.load(g_blk + row_off + pix[None, :], mask=ok, other=0.0).to(tl.float32)
+            removed = ok & (g < p[:, None])
+            positive = ok & (g > 0)
+            s += tl.sum(tl.maximum(tl.where(removed, 0.0, g), 0.0), axis=1)  # relu(D_k), summed
+            n_removed += tl.sum(tl.sum(removed.to(tl.int32), axis=1), axis=0)
+            n_positive += tl.sum(tl.sum(positive.to(tl.int32), axis=1), axis=0)
+            n_removed_pos += tl.sum(tl.sum((removed & positive).to(tl.int32), axis=1), axis=0)
+            p0 += BLOCK_N
         inv = tl.where(s > 0, 1.0 / tl.where(s > 0, s, 1.0), 0.0)  # α_k = 1/S_k where D_k > 0
-        a = tl.load(a_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        cam = tl.sum(tl.where(d > 0, inv[:, None], 0.0) * pos * a, axis=0)  # eq. 2, this block's channels
-        positive = ok & (g > 0)
+
+        # Pass: eq. 2 over this block's channels, written tile by tile.
         out = b * tl.num_programs(1) + j
-        tl.store(cam_ptr + out.to(tl.int64) * HW + cols, cam, mask=col_ok)
-        tl.store(count_ptr + out * 3, tl.sum(tl.sum(removed.to(tl.int32), axis=1), axis=0))
-        tl.store(count_ptr + out * 3 + 1, tl.sum(tl.sum(positive.to(tl.int32), axis=1), axis=0))
-        tl.store(count_ptr + out * 3 + 2, tl.sum(tl.sum((removed & positive).to(tl.int32), axis=1), axis=0))
+        cam_base = out.to(tl.int64) * HW
+        p0 = 0
+        while p0 < HW:
+            pix = p0 + cols
+            col_ok = pix < HW
+            ok = row_ok[:, None] & col_ok[None, :]
+            g = tl.load(g_blk + row_off + pix[None, :], mask=ok, other=0.0).to(tl.float32)
+            a = tl.load(a_blk + row_off + pix[None, :], mask=ok, other=0.0).to(tl.float32)
+            d = tl.where(ok & (g < p[:, None]), 0.0, g)  # D_k
+            pos = tl.maximum(d, 0.0)  # relu(D_k)
+            cam = tl.sum(tl.where(d > 0, inv[:, None], 0.0) * pos * a, axis=0)
+            tl.store(cam_ptr + cam_base + pix, cam, mask=col_ok)
+            p0 += BLOCK_N
+        tl.store(count_ptr + out * 3, n_removed.to(tl.int64))
+        tl.store(count_ptr + out * 3 + 1, n_positive.to(tl.int64))
+        tl.store(count_ptr + out * 3 + 2, n_removed_pos.to(tl.int64))
 
 
 def denoise_blocks(K: int, HW: int, block_k: int | None = None) -> tuple[int, int, int]:
-    """``(BLOCK_K, BLOCK_N, num_warps)`` of a launch: a whole channel per row.
+    """``(BLOCK_K, BLOCK_N, num_warps)`` of a launch: ``BLOCK_K`` channels, streamed ``BLOCK_N`` values
+    at a time.
 
-    On a GPU a program holds at most 1024 values (4 channels of 14×14 on VGG16's last layer: 128
-    programs per image, 96 registers a thread and no spills when compiled for sm_90, where 16 channels
-    needed 255 registers and spilled); warps grow with a wider channel. The interpreter runs programs
-    one by one, so there a program takes up to 64 channels.
+    On a GPU a tile holds at most 1024 values whatever the map size (4 channels × 256 on VGG16's
+    14×14 layers, 1 × 1024 from 32×32 on), 4 warps: registers no longer grow with ``h·w``
+    (``python -m unioncam.kernels.compile_check`` reports them). The interpreter runs programs one by
+    one, so there a tile takes up to 64 channels and 8192 values.
     """
-    block_n = triton.next_power_of_2(HW)
     if INTERPRETED:
         block_k = block_k or 64
-        cap = 8192
+        tile = 8192
     else:
         block_k = block_k or 4
-        cap = 1024
-    block_k = max(1, min(block_k, triton.next_power_of_2(K), max(1, cap // block_n)))
-    return block_k, block_n, min(16, max(4, block_k * block_n // 256))
+        tile = 1024
+    if HW >= 2**31:
+        raise ValueError(f"denoise: maps of {HW} values are over 2**31")
+    block_n = min(triton.next_power_of_2(HW), tile)
+    block_k = max(1, min(block_k, triton.next_power_of_2(K), tile // block_n))
+    while block_k > 1 and block_k * HW >= 2**31:  # the kernel's offsets within a block are int32
+        block_k //= 2
+    return block_k, block_n, 4
 
 
 def denoise_triton(
@@ -162,12 +234,12 @@ def denoise_triton(
     block_k, block_n, num_warps = denoise_blocks(K, HW, block_k)
     blocks = triton.cdiv(K, block_k)
     cam = torch.empty(B, blocks, h, w, device=g.device, dtype=torch.float32)
-    counts = torch.empty(B, blocks, 3, device=g.device, dtype=torch.int32)
+    counts = torch.empty(B, blocks, 3, device=g.device, dtype=torch.int64)
     launch(
         "denoise", _denoise_kernel, (B, blocks), g, a, cam, counts, K, HW, rank_lo, rank_hi, weight,
         BLOCK_K=block_k, BLOCK_N=block_n, num_warps=num_warps,
     )
-    n_removed, n_positive, n_removed_pos = counts.sum(1, dtype=torch.int64).unbind(1)
+    n_removed, n_positive, n_removed_pos = counts.sum(1).unbind(1)
     return cam.sum(1), n_removed / (K * HW), n_removed_pos / n_positive.clamp_min(1)
 
 
