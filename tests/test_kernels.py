@@ -189,7 +189,8 @@ def test_gpu_launch_configurations_match_twins(monkeypatch):
 
 def test_kernels_compile_for_hopper(tmp_path):
     # The interpreter never lowers a kernel. Triton's compiler can, without a GPU: every launch of a
-    # VGG16 explanation is built for sm_90 (H100/H200), and none may spill registers to the stack.
+    # VGG16 explanation is built for sm_90 (H100/H200), at every layer's shape, and none may spill
+    # registers to the stack (AMD kept a whole channel in registers and spilled from 112² on).
     ptxas = Path(_triton.triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     if not ptxas.is_file():
         pytest.skip(f"this Triton install has no ptxas ({ptxas})")
@@ -201,7 +202,10 @@ def test_kernels_compile_for_hopper(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     built = json.loads(run.stdout)
     assert {b["kernel"] for b in built} == {"denoise", "upsampled_range", "masked_inputs"}
-    assert len(built) == 9
+    # Every VGG16 layer shape at 224² (features.2 … features.30) for AMD, the 224² up-sampling kernels.
+    layers = {b["config"].split()[0] for b in built if b["kernel"] == "denoise"}
+    assert {"features.2", "features.9", "features.16", "features.23", "features.29"} <= layers
+    assert len(built) == 22
     for b in built:
         assert b["cubin_bytes"] > 0 and b["registers"] is not None, b
         assert b["registers"] <= 128 and b["stack_bytes"] == 0, b

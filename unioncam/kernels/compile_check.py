@@ -47,39 +47,69 @@ def _signature(fn: object, consts: dict[str, object], **types: str) -> dict[str,
     return {a: "constexpr" if a in consts else types.get(a, "i32") for a in names}
 
 
+#: VGG16's feature maps at 224² input, one layer per distinct shape ``(K, h)``: every layer an
+#: explanation may target (``features.29`` by default) has one of these shapes.
+VGG16_224_LAYERS: tuple[tuple[str, int, int], ...] = (
+    ("features.2", 64, 224),
+    ("features.4", 64, 112),
+    ("features.7", 128, 112),
+    ("features.9", 128, 56),
+    ("features.14", 256, 56),
+    ("features.16", 256, 28),
+    ("features.21", 512, 28),
+    ("features.23", 512, 14),
+    ("features.29", 512, 14),
+    ("features.30", 512, 7),
+)
+
+
 def _cases() -> list[tuple[str, object, dict[str, str], dict[str, object], int, str]]:
     """``(name, jit function, signature, constexprs, num_warps, config)``: a VGG16 explanation's launches.
 
     Block sizes and warps come from the launchers' own rules (``*_blocks``), so what is checked is
-    what runs. Integers the launchers pass are ``i32``; pointers and floats are named.
+    what runs. Integers the launchers pass are ``i32``; pointers and floats are named. Triton turns an
+    integer argument equal to 1 into a constant, so the unit stride of each layout is one here too:
+    activations channels-last (``s_ak``, how the model gives them) or contiguous (``s_aw``), images
+    contiguous (``s_xw``), masked inputs channels-last (``s_oc``, what ``masked_inputs`` builds).
+    ``WIDE`` (int64 offsets within a map) is what the launchers pick for such shapes (False), plus one
+    case each with it set, the variant that huge images get.
     """
     from .denoise import _denoise_kernel, denoise_blocks
     from .masks import _masked_kernel, _range_kernel, masked_blocks, range_blocks
 
     f32 = "*fp32"
     out = []
-    # AMD on VGG16's features.29 (512 × 14 × 14) and on an early, larger layer (64 × 56 × 56).
-    for K, h in ((512, 14), (64, 56)):
+    # AMD on every layer shape of VGG16 at 224², float32; and the default layer with bfloat16 inputs.
+    layers = [(shape, "fp32") for shape in VGG16_224_LAYERS] + [(VGG16_224_LAYERS[-2], "bf16")]
+    for (layer, K, h), ty in layers:
         bk, bn, nw = denoise_blocks(K, h * h)
         consts = {"BLOCK_K": bk, "BLOCK_N": bn}
-        sig = _signature(_denoise_kernel, consts, g_ptr=f32, a_ptr=f32, cam_ptr=f32, count_ptr="*i64",
-                         weight="fp32")
-        config = f"K={K} hw={h}x{h} BLOCK_K={bk} BLOCK_N={bn}"
+        sig = _signature(_denoise_kernel, consts, g_ptr=f"*{ty}", a_ptr=f"*{ty}", cam_ptr=f32,
+                         count_ptr="*i64", weight="fp32")
+        config = f"{layer} {K}x{h}x{h} in={ty} BLOCK_K={bk} BLOCK_N={bn}"
         out.append(("denoise", _denoise_kernel, sig, consts, nw, config))
+    # The up-sampling kernels do not specialise on the layer's shape, only on the 224² output.
     br, bp, nw = range_blocks(224, 224)
-    consts = {"WIDE": False, "BLOCK_R": br, "BLOCK_P": bp}
-    sig = _signature(_range_kernel, consts, a_ptr=f32, lo_ptr=f32, hi_ptr=f32, scale_h="fp32", scale_w="fp32")
-    out.append(("upsampled_range", _range_kernel, sig, consts, nw, f"224x224 BLOCK_R={br} BLOCK_P={bp}"))
+    for acts, unit, wide in (("channels-last", "s_ak", False), ("contiguous", "s_aw", False),
+                             ("channels-last", "s_ak", True)):
+        consts = {unit: 1, "WIDE": wide, "BLOCK_R": br, "BLOCK_P": bp}
+        sig = _signature(_range_kernel, consts, a_ptr=f32, lo_ptr=f32, hi_ptr=f32, scale_h="fp32",
+                         scale_w="fp32")
+        config = f"any layer->224x224 acts={acts} WIDE={wide} BLOCK_R={br} BLOCK_P={bp}"
+        out.append(("upsampled_range", _range_kernel, sig, consts, nw, config))
     br, bp, nw = masked_blocks(224, 224)
-    for out_ty in ("fp32", "bf16", "fp16"):
-        for normalize in (True, False):
-            consts = {"NORMALIZE": normalize, "WIDE": False, "BLOCK_R": br, "BLOCK_P": bp}
-            sig = _signature(
-                _masked_kernel, consts, x_ptr=f32, a_ptr=f32, bi_ptr="*i64", ki_ptr="*i64", lo_ptr=f32,
-                hi_ptr=f32, mean_ptr=f32, std_ptr=f32, out_ptr=f"*{out_ty}", scale_h="fp32", scale_w="fp32",
-            )
-            out.append(("masked_inputs", _masked_kernel, sig, consts, nw,
-                        f"out={out_ty} normalize={normalize} BLOCK_R={br} BLOCK_P={bp}"))
+    variants = [("channels-last", "s_ak", ty, normalize, False) for ty in ("fp32", "bf16", "fp16")
+                for normalize in (True, False)]
+    variants += [("contiguous", "s_aw", "fp32", True, False), ("channels-last", "s_ak", "bf16", True, True)]
+    for acts, unit, out_ty, normalize, wide in variants:
+        consts = {unit: 1, "s_xw": 1, "s_oc": 1, "NORMALIZE": normalize, "WIDE": wide, "BLOCK_R": br,
+                  "BLOCK_P": bp}
+        sig = _signature(
+            _masked_kernel, consts, x_ptr=f32, a_ptr=f32, bi_ptr="*i64", ki_ptr="*i64", lo_ptr=f32,
+            hi_ptr=f32, mean_ptr=f32, std_ptr=f32, out_ptr=f"*{out_ty}", scale_h="fp32", scale_w="fp32",
+        )
+        config = f"224x224 acts={acts} out={out_ty} norm={normalize} WIDE={wide} BLOCK_R={br} BLOCK_P={bp}"
+        out.append(("masked_inputs", _masked_kernel, sig, consts, nw, config))
     return out
 
 
@@ -147,16 +177,19 @@ def main(argv: list[str] | None = None) -> list[Built]:
     if args.json:
         print(json.dumps([asdict(b) for b in built], indent=1))
     else:
-        print(f"triton {triton.__version__}, sm_{args.arch}")
+        print(f"triton {triton.__version__}, sm_{args.arch}; spills: per-thread stack bytes (0: none)")
+        width = max(len(b.config) for b in built)
         print(
-            f"{'kernel':16} {'config':56} {'regs':>5} {'stack/local B':>14} {'smem B':>7} {'cubin B':>8} {'s':>5}"
+            f"{'kernel':16} {'config':{width}} {'regs':>5} {'spills B':>8} {'local B':>7} {'smem B':>7} "
+            f"{'cubin B':>8} {'s':>5}"
         )
         for b in built:
-            spills = "?" if b.stack_bytes is None else f"{b.stack_bytes}/{b.local_bytes}"
             regs = "?" if b.registers is None else b.registers
+            stack = "?" if b.stack_bytes is None else b.stack_bytes
+            local = "?" if b.local_bytes is None else b.local_bytes
             print(
-                f"{b.kernel:16} {b.config:56} {regs:>5} {spills:>14} {b.shared_bytes:>7} {b.cubin_bytes:>8} "
-                f"{b.seconds:5.1f}"
+                f"{b.kernel:16} {b.config:{width}} {regs:>5} {stack:>8} {local:>7} {b.shared_bytes:>7} "
+                f"{b.cubin_bytes:>8} {b.seconds:5.1f}"
             )
     return built
 
