@@ -116,8 +116,11 @@ def test_state_dict_path_round_trip(tmp_path):
     loaded = unioncam.load_vgg16(path)
     assert torch.equal(loaded.classifier[6].weight, src.classifier[6].weight)
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="junk.pth is not a readable torch checkpoint"):
         unioncam.load_vgg16(tmp_path / "junk.pth")
+    torch.save({"features.0.weight": torch.zeros(2)}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="not a torchvision VGG16 state dict"):
+        unioncam.load_vgg16(tmp_path / "other.pth")
     with pytest.raises(FileNotFoundError, match="neither 'imagenet', 'random' nor an existing file"):
         unioncam.load_vgg16(tmp_path / "missing.pth")
 

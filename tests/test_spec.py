@@ -158,9 +158,10 @@ def test_black_score_is_the_model_on_zeros_and_is_cached():
     assert b2 is not b and not torch.allclose(b2, b)
 
 
-def test_betas_are_masked_scores_minus_the_black_score():
-    m = make_tiny_cnn(seed=2)
-    x = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(2))
+@pytest.mark.parametrize("seed,expected", [(2, "region"), (3, "union")])  # one image for each AMS branch
+def test_betas_are_masked_scores_minus_the_black_score(seed, expected):
+    m = make_tiny_cnn(seed=seed)
+    x = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(seed))
     res = unioncam.explain(m, x)
     region = unioncam.explain(m, x, method="scorecam").saliency  # Score-CAM map = Lh_reg
     c, d = res.target, res.details
@@ -169,7 +170,8 @@ def test_betas_are_masked_scores_minus_the_black_score():
         f_reg = m((x * region)[None]).softmax(-1)[0, c].item()
     assert d["baseline_score"] == pytest.approx(b, abs=1e-7)
     assert d["beta_region"] == pytest.approx(f_reg - b, abs=1e-6)
-    if d["selected"] == "region":
+    assert d["selected"] == expected
+    if expected == "region":
         assert torch.allclose(res.saliency, region, atol=1e-6)
     else:
         assert d["beta_union"] > d["beta_region"]

@@ -107,11 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from .errors import InvalidInputError
 
     try:
         return int(args.func(args) or 0)
-    except (InvalidInputError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:  # InvalidInputError is a ValueError
         print(f"unioncam {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

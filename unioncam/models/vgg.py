@@ -105,7 +105,10 @@ def load_vgg16(
             raise FileNotFoundError(
                 f"weights: {str(weights)!r} is neither 'imagenet', 'random' nor an existing file"
             )
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # unpickling, zip and weights-only errors all mean "not a checkpoint"
+            raise ValueError(f"weights: {path} is not a readable torch checkpoint ({exc})") from exc
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
         if not isinstance(state, dict):
