@@ -42,9 +42,17 @@ def is_out_of_memory(exc: BaseException) -> bool:
                                               or "CUBLAS_STATUS_ALLOC_FAILED" in text)
 
 
-def _tf32_flags() -> list[tuple[Any, str]]:
-    """The (object, attribute) pairs that let float32 matrix maths round to TF32 on CUDA."""
-    return [(torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32")]
+def _tf32_switches() -> list[tuple[Any, str, Any, Any]]:
+    """``(object, attribute, TF32 on, TF32 off)`` for CUDA's float32 convolutions and matmuls.
+
+    Torch ≥ 2.9 has per-backend ``fp32_precision`` settings and refuses to read the legacy
+    ``allow_tf32`` flags once they disagree, so the new settings are used where they exist.
+    """
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        return [(torch.backends.cuda.matmul, "fp32_precision", "tf32", "ieee"),
+                (conv, "fp32_precision", "tf32", "ieee")]
+    return [(torch.backends.cuda.matmul, "allow_tf32", True, False), (torch.backends.cudnn, "allow_tf32", True, False)]
 
 
 @contextlib.contextmanager
@@ -59,11 +67,12 @@ def backend_flags(device: torch.device, precision: str) -> Iterator[None]:
     if device.type != "cuda":
         yield
         return
-    saved = [(obj, attr, getattr(obj, attr)) for obj, attr in _tf32_flags()]
+    switches = _tf32_switches()
+    saved = [(obj, attr, getattr(obj, attr)) for obj, attr, _, _ in switches]
     saved.append((torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark))
     try:
-        for obj, attr in _tf32_flags():
-            setattr(obj, attr, precision == "tf32")
+        for obj, attr, on, off in switches:
+            setattr(obj, attr, on if precision == "tf32" else off)
         torch.backends.cudnn.benchmark = True
         yield
     finally:
@@ -190,9 +199,9 @@ class Scorer:
                     logits = torch.func.functional_call(
                         runner, params, (build(i, j).contiguous(memory_format=torch.channels_last),))
             except (torch.OutOfMemoryError, RuntimeError) as exc:
-                if not is_out_of_memory(exc) or bs == 1:
+                if not is_out_of_memory(exc) or j - i == 1:
                     raise
-                bs = max(1, bs // 2)  # back off rather than fail; the result does not depend on chunking
+                bs = max(1, (j - i) // 2)  # back off rather than fail; the result does not depend on chunking
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 continue
