@@ -3,6 +3,10 @@
 Each ``<op>.py`` holds the op's torch twin and, where one exists, its Triton kernel; the public
 function of each op (``denoise``, ``upsampled_range``, ``masked_inputs``) is the one place that picks
 the path. This package imports nothing from the rest of ``unioncam``.
+
+Kernels run for CUDA tensors when Triton imports. ``UNIONCAM_TRITON=0`` in the environment (read at
+every call) forces the torch twins; a kernel that cannot be built or launched warns once and its op
+uses the twin for the rest of the process (see ``_triton``).
 """
 
 from .denoise import denoise, denoise_torch
