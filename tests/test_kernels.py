@@ -138,7 +138,11 @@ def test_upsampled_range_kernel_matches_twin(shape, size):
     lo_k, hi_k = upsampled_range_triton(acts, size)
     torch.testing.assert_close(lo_k, lo_t, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(hi_k, hi_t, rtol=1e-6, atol=1e-6)
-    assert torch.equal(hi_k > lo_k, hi_t > lo_t) or shape[-2:] == (1, 1)
+    if shape[-2:] == (1, 1):  # up-sampled, a 1×1 map is constant: any range is a rounding wobble (pruned anyway)
+        for lo, hi in ((lo_k, hi_k), (lo_t, hi_t)):
+            assert ((hi - lo) <= 1e-6 * lo.abs().clamp_min(1)).all()
+    else:
+        assert torch.equal(hi_k > lo_k, hi_t > lo_t)
     assert torch.equal(lo_k[:, 0], torch.zeros_like(lo_k[:, 0])) and torch.equal(hi_k[:, 0], lo_k[:, 0])
 
 
@@ -351,10 +355,6 @@ def test_kernels_read_channels_last_activations_without_copy(dtype, normalize, m
     if DEVICE.type == "cpu":  # the very tensors were launched on: no contiguous copy was made
         assert ranged.args[0][0] is acts
         assert masked.args[0][0] is images and masked.args[0][1] is acts
-
-
-def test_dispatch_uses_torch_for_cpu_tensors():
-    assert not _triton.use_triton(torch.zeros(1))
 
 
 # ------------------------------------------------------------------ the engine with kernels dispatched on

@@ -155,3 +155,15 @@ def test_kernel_runs_when_dispatch_allows(op, as_on_gpu, monkeypatch):
     want = twin(*args)
     for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_cpu_tensors_take_the_twin(op, monkeypatch):
+    # Without the GPU stand-in, CPU tensors never reach a kernel: the public function is the twin exactly.
+    mod, name, public, twin, args = _inputs(op)
+    kernel = CountingKernel(getattr(mod, name))
+    monkeypatch.setattr(mod, name, kernel)
+    got, want = public(*args), twin(*args)
+    assert kernel.launches == 0
+    for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+        assert torch.equal(g, w)
