@@ -96,3 +96,28 @@ def test_a_single_input_that_does_not_fit_raises():
     with pytest.raises(torch.OutOfMemoryError):
         Scorer(fussy, batch_size=4).images(torch.rand(2, 3, 8, 8), torch.zeros(2, dtype=torch.long))
     assert fussy.sizes == [2, 1]
+
+
+def test_cpu_chunk_size_follows_the_image_size():
+    from unioncam.core import default_batch_size
+
+    cpu = torch.device("cpu")
+    sizes = {s: default_batch_size(cpu, (s, s)) for s in (16, 32, 64, 112, 224, 448)}
+    assert sizes == {16: 64, 32: 64, 64: 32, 112: 16, 224: 8, 448: 8}
+    assert default_batch_size(CUDA, (224, 224)) == 64 and default_batch_size(cpu) == 8
+
+
+def test_emulated_half_precision_warns_on_cpus_without_it(monkeypatch):
+    from unioncam.core import scorer as sc
+
+    model = make_tiny_cnn()
+    monkeypatch.setattr(sc, "cpu_has_native", lambda dtype: False)
+    with pytest.warns(RuntimeWarning, match="without bf16 instructions"):
+        Scorer(model, precision="bf16")
+    monkeypatch.setattr(sc, "cpu_has_native", lambda dtype: True)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Scorer(model, precision="bf16")
+        Scorer(model, precision="fp32")

@@ -109,9 +109,10 @@ def explain_batch(
         bar = tqdm(desc=f"{method} masked forwards", unit="fwd", leave=False)
     results: list[Explanation | None] = [None] * len(images)
     try:
-        scorer = Scorer(model, batch_size or default_batch_size(dev), bar, precision)
+        scorer = Scorer(model, batch_size, bar, precision)
         with backend_flags(dev, precision):
-            for idx in groups.values():
+            for size, idx in groups.items():
+                scorer.batch_size = batch_size or default_batch_size(dev, size)
                 x = torch.stack([pixels[i] for i in idx]).to(dev, dtype)
                 for i, res in zip(idx, _explain_group(model, x, [targets[i] for i in idx], impl, options,
                                                       layer_ref, scorer, keep_on_device)):
@@ -169,8 +170,9 @@ def explain(
         target: class index; ``None`` → the model's arg-max class.
         theta: AMD percentile θ in ``[0, 100]`` (UnionCAM only).
         layer: name from ``model.named_modules()``; ``None`` → ``model.default_layer``.
-        batch_size: masked inputs per forward pass; ``None`` → 64 on CUDA, 8 on CPU (results do not
-            depend on it).
+        batch_size: masked inputs per forward pass; ``None`` → 64 on CUDA; on a CPU 8 at 224², up to
+            64 for smaller images (:func:`unioncam.core.default_batch_size`; results do not depend on it
+            beyond float rounding).
         device: move the model there first; ``None`` → where the model is.
         progress: show a progress bar over masked forwards.
         precision: ``"fp32"`` (strict float32, TF32 off on CUDA), ``"tf32"`` (CUDA's TF32 matrix maths),

@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--layer", default=None, help="module name to explain; default features.29 (conv5_3 ReLU)")
     ex.add_argument("--size", type=int, default=224, help="resize images to SIZE×SIZE first; default 224")
     ex.add_argument("--batch-size", type=int, default=None,
-                    help="masked inputs per forward pass; default 64 on CUDA, 8 on CPU")
+                    help="masked inputs per forward pass; default 64 on CUDA, on a CPU 8 at 224² and up to 64 for smaller images")
     ex.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
                     help="fp32 (strict float32), tf32 (CUDA), or bf16/fp16 for the masked forwards "
                     "(autocast; scores stay float32); default fp32")
