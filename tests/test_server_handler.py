@@ -12,35 +12,9 @@ from PIL import Image
 
 import unioncam
 
+from .fakes import SIZE, FakeContext
+
 ROOT = Path(__file__).resolve().parent.parent
-SIZE = 32
-
-
-class FakeContext:
-    """What the handler uses of ``ts.context.Context``, recording what it sets per request."""
-
-    def __init__(self, model_dir: Path, headers: list[dict[str, str]]) -> None:
-        self.system_properties = {"model_dir": str(model_dir), "gpu_id": None}
-        self.model_yaml_config = {"handler": {"image_size": SIZE, "method": "unioncam", "theta": 10.0,
-                                              "weights": "random", "seed": 0, "batch_size": 64}}
-        self.model_name = "unioncam"
-        self.metrics = None
-        self.headers = headers
-        self.status: dict[int, int] = {}
-        self.content_type: dict[int, str] = {}
-
-    def get_request_header(self, idx, key):
-        return self.headers[idx].get(key)
-
-    def set_response_status(self, code=200, phrase="", idx=0):
-        assert phrase.isascii()
-        self.status[idx] = code
-
-    def set_response_content_type(self, idx, value):
-        self.content_type[idx] = value
-
-    def set_response_header(self, idx, key, value):
-        pass
 
 
 @pytest.fixture(scope="module")

@@ -129,11 +129,16 @@ class UnionCAMHandler:
             # Lets a client (and the tests) see which requests shared a handler call.
             context.set_response_header(idx, "X-Batch-Size", str(len(data)))
             # TorchServe marks explanation requests with the header explain=True, per request.
-            explain_ = str(context.get_request_header(idx, "explain")) == "True"
+            explain_ = _header(context, idx, "explain") == "True"
             try:
-                parsed[idx] = protocol.parse(row, explain_, self.defaults)
+                content_type = _header(context, idx, "Content-Type")
+                parsed[idx] = protocol.parse(row, explain_, self.defaults, content_type)
             except InvalidInputError as exc:
                 self._fail(context, idx, out, 400, exc)
+            except Exception as exc:  # noqa: BLE001 — a request we failed to read fails alone, as our fault
+                logger.exception("request %d could not be parsed", idx)
+                self._fail(context, idx, out, 500, InvalidInputError(
+                    "body", f"could not be read ({type(exc).__name__}: {str(exc)[:200]})"))
         # Predictions of the whole batch in one forward.
         pred = [(idx, j, it) for idx, r in parsed.items() if not r.explain for j, it in enumerate(r.items)]
         answers: dict[tuple[int, int], Any] = {}
@@ -169,6 +174,18 @@ class UnionCAMHandler:
         # The reason phrase goes into the HTTP status line: ASCII only; the JSON body has the full message.
         phrase = f"invalid {exc.field}".encode("ascii", "replace").decode("ascii")[:80]
         context.set_response_status(code, phrase, idx)
+
+
+def _header(context: Any, idx: int, name: str) -> str | None:
+    """A request header, whatever case the frontend passed its name in; ``None`` if absent or unreadable."""
+    for key in (name, name.lower()):
+        try:
+            value = context.get_request_header(idx, key)
+        except Exception:  # noqa: BLE001 — a stand-in context may not know headers
+            return None
+        if value is not None:
+            return str(value)
+    return None
 
 
 _service = UnionCAMHandler()

@@ -146,71 +146,126 @@ def _parameters(value: Any, name: str) -> dict[str, Any]:
     return value
 
 
-def parse(row: dict[str, Any], explain: bool, defaults: Defaults) -> Request:
+def _looks_like_json(body: Any) -> bool:
+    # No image format starts with "{" or "[" (PNG, JPEG, GIF, BMP, TIFF, WebP all have other magic bytes).
+    head = body.lstrip()[:1] if isinstance(body, (bytes, bytearray, str)) else None
+    return head in (b"{", b"[", "{", "[")
+
+
+def _json(body: bytes | bytearray | str) -> Any:
+    try:
+        text = body if isinstance(body, str) else bytes(body).decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInputError("body", "starts like JSON but is not UTF-8 text", "a JSON object, or an image file")
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise InvalidInputError("body", "is JSON nested too deeply", "a JSON object a few levels deep") from None
+    except ValueError as exc:
+        raise InvalidInputError("body", f"is not valid JSON ({exc})", "a complete JSON object") from None
+
+
+def parse(row: dict[str, Any], explain: bool, defaults: Defaults, content_type: str | None = None) -> Request:
     """One request of a TorchServe batch → :class:`Request`; raises :class:`InvalidInputError` saying why not.
 
     ``explain``: TorchServe's per-request ``explain`` header (the ``/explanations`` and ``:explain`` routes).
+    ``content_type``: the request's ``Content-Type`` header, when known (it only sharpens error messages).
     """
-    if not row:
+    if not isinstance(row, dict) or not row:
+        if content_type and content_type.split(";")[0].strip().lower() == "application/x-www-form-urlencoded":
+            raise InvalidInputError("body", "is an urlencoded form (curl -d / --data-binary without a content type)",
+                                    "a raw image body with -H 'Content-Type: image/png' (or --data-binary "
+                                    "@file -H 'Content-Type: application/octet-stream'), multipart (curl -F), "
+                                    "or JSON")
         raise InvalidInputError("body", "is empty", "an image file, a multipart form or a JSON object")
     body = next((row[k] for k in ("body", "data") if k in row), None)
-    if isinstance(body, (bytes, bytearray)) and len(row) == 1 and body[:1] in (b"{", b"["):
-        try:  # JSON sent without a JSON content type
-            body = json.loads(bytes(body).decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            pass
+    if len(row) == 1 and _looks_like_json(body):
+        body = _json(body)  # JSON sent as text/plain, octet-stream, or that TorchServe could not decode
     if isinstance(body, list):
         raise InvalidInputError("body", "is a JSON list", "a JSON object with 'image', 'instances' or 'inputs'")
     if isinstance(body, dict) and len(row) == 1:
         return _parse_json(body, explain, defaults)
+    if isinstance(body, (int, float, bool)) or (body is None and len(row) == 1 and ("body" in row or "data" in row)):
+        raise InvalidInputError("body", f"is a JSON {type(body).__name__ if body is not None else 'null'}",
+                                "a JSON object, an image file or a multipart form")
     # multipart form (one field per option) or a raw image body
     name = next((k for k in IMAGE_FIELDS if k in row), None)
     if name is None:
         raise InvalidInputError(
-            "image", f"is missing (form fields: {sorted(row)})", f"a form field named one of {IMAGE_FIELDS}"
+            "image", f"is missing (form fields: {sorted(map(str, row))})", f"a form field named one of {IMAGE_FIELDS}"
         )
+    others = [k for k in IMAGE_FIELDS if k in row and k != name]
+    if others:
+        raise InvalidInputError("image", f"is given twice (fields {[name, *others]})", "one image per request")
     fields = {k: v for k, v in row.items() if k != name}
-    unknown = sorted(set(fields) - set(OPTIONS))
+    unknown = sorted(set(map(str, fields)) - set(OPTIONS))
     if unknown:
         raise InvalidInputError("options", f"unknown field(s) {unknown}", ", ".join(OPTIONS))
     return Request("plain", explain, [_item(row[name], fields, "image", defaults)])
 
 
+def _known(options: dict[str, Any], where: str) -> dict[str, Any]:
+    unknown = sorted(set(map(str, options)) - set(OPTIONS))
+    if unknown:
+        raise InvalidInputError(where, f"has unknown key(s) {unknown}", ", ".join(OPTIONS))
+    return options
+
+
 def _parse_json(body: dict[str, Any], explain: bool, defaults: Defaults) -> Request:
+    kinds = [k for k in ("instances", "inputs", "image") if k in body]
+    if len(kinds) > 1:
+        raise InvalidInputError("body", f"has both {kinds[0]!r} and {kinds[1]!r}", "one of 'image', 'instances' "
+                                "(KServe v1) or 'inputs' (KServe v2)")
     if "instances" in body:  # KServe v1
+        extra = sorted(set(body) - {"instances", "parameters"})
+        if extra:
+            raise InvalidInputError("body", f"has unknown key(s) {extra} beside 'instances'", "instances, parameters")
         inst = body["instances"]
         if not isinstance(inst, list) or not 1 <= len(inst) <= MAX_INSTANCES:
             raise InvalidInputError("instances", f"is not a list of 1 to {MAX_INSTANCES} items",
                                     f"1–{MAX_INSTANCES} instances")
-        shared = _parameters(body.get("parameters"), "parameters")
+        shared = _known(_parameters(body.get("parameters"), "parameters"), "parameters")
         items = []
         for i, x in enumerate(inst):
-            if isinstance(x, dict):
-                img_key = next((k for k in ("image", "data", "b64") if k in x), None)
-                image = x if img_key == "b64" else x.get(img_key)
-                opts = {k: v for k, v in x.items() if k != img_key}
+            if isinstance(x, dict) and "b64" not in x:
+                keys = [k for k in ("image", "data") if k in x]
+                if len(keys) != 1:
+                    raise InvalidInputError(f"instances[{i}]", "has no image" if not keys else "has two images",
+                                            "{'image': {'b64': <base64>}, ...options}")
+                image = x[keys[0]]
+                opts = _known({k: v for k, v in x.items() if k != keys[0]}, f"instances[{i}]")
             else:
                 image, opts = x, {}
             items.append(_item(image, {**shared, **opts}, f"instances[{i}]", defaults))
         return Request("v1", explain, items)
     if "inputs" in body:  # KServe v2 / open inference protocol
+        extra = sorted(set(body) - {"inputs", "parameters", "id", "outputs"})
+        if extra:
+            raise InvalidInputError("body", f"has unknown key(s) {extra} beside 'inputs'", "id, inputs, parameters")
         inputs = body["inputs"]
-        if not isinstance(inputs, list) or not inputs or not isinstance(inputs[0], dict):
-            raise InvalidInputError("inputs", "is not a list of tensors", "[{'name', 'datatype': 'BYTES', 'data': [base64]}]")
-        data = inputs[0].get("data")
+        accepted = "[{'name': 'image', 'datatype': 'BYTES', 'shape': [n], 'data': [base64, ...]}]"
+        if not isinstance(inputs, list) or not inputs or not all(isinstance(t, dict) for t in inputs):
+            raise InvalidInputError("inputs", "is not a list of tensors", accepted)
+        if len(inputs) != 1:
+            raise InvalidInputError("inputs", f"has {len(inputs)} tensors; one is read", accepted)
+        tensor = inputs[0]
+        if tensor.get("datatype", "BYTES") != "BYTES":
+            raise InvalidInputError("inputs[0].datatype", f"is {tensor.get('datatype')!r}", "BYTES (base64 images)")
+        data = tensor.get("data")
         if not isinstance(data, list) or not 1 <= len(data) <= MAX_INSTANCES:
             raise InvalidInputError("inputs[0].data", f"is not a list of 1 to {MAX_INSTANCES} images", "base64 strings")
+        shape = tensor.get("shape")
+        if shape is not None and shape != [len(data)]:
+            raise InvalidInputError("inputs[0].shape", f"is {shape!r} for {len(data)} images", f"[{len(data)}]")
         opts = dict(_parameters(body.get("parameters"), "parameters"))
-        opts.update(_parameters(inputs[0].get("parameters"), "inputs[0].parameters"))
-        opts = {k: v for k, v in opts.items() if k in OPTIONS}
+        opts.update(_parameters(tensor.get("parameters"), "inputs[0].parameters"))
+        opts = {k: v for k, v in opts.items() if k in OPTIONS}  # KServe adds its own parameters (content_type …)
         return Request("v2", explain,
                        [_item(d, opts, f"inputs[0].data[{i}]", defaults) for i, d in enumerate(data)])
     if "image" not in body:
-        raise InvalidInputError("image", f"is missing (keys: {sorted(body)})", "a JSON object {'image': <base64>, ...}")
-    unknown = sorted(set(body) - {"image", *OPTIONS})
-    if unknown:
-        raise InvalidInputError("options", f"unknown key(s) {unknown}", ", ".join(OPTIONS))
-    opts = {k: v for k, v in body.items() if k != "image"}
+        raise InvalidInputError("image", f"is missing (keys: {sorted(map(str, body))})",
+                                "a JSON object {'image': <base64>, ...}")
+    opts = _known({k: v for k, v in body.items() if k != "image"}, "options")
     return Request("plain", explain, [_item(body["image"], opts, "image", defaults)])
 
 
