@@ -7,7 +7,7 @@ and bring the results to the host once.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,10 +24,13 @@ from .validation import (
     resolve_layer,
     validate_batch_size,
     validate_image,
+    validate_input_size,
     validate_method,
     validate_precision,
-    validate_targets,
+    validate_reshape,
+    validate_target_entries,
     validate_theta,
+    validate_top_k,
 )
 
 __all__ = ["METHODS", "Explanation", "explain", "explain_batch"]
@@ -59,7 +62,7 @@ def explain_batch(
     model: nn.Module,
     images: Sequence[torch.Tensor | Image.Image],
     *,
-    targets: Sequence[int | None] | None = None,
+    targets: Sequence[int | None | Sequence[int]] | None = None,
     method: str = "unioncam",
     theta: float = 10.0,
     layer: str | None = None,
@@ -68,18 +71,30 @@ def explain_batch(
     progress: bool = False,
     precision: str = "fp32",
     keep_on_device: bool = False,
-) -> list[Explanation]:
+    top_k: int | None = None,
+    reshape: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> list[Explanation] | list[list[Explanation]]:
     """Explain several images at once; their masked inputs share chunks.
 
     Options as :func:`explain`, with ``images`` a sequence and ``targets`` one entry per image
     (``None`` → the arg-max class). Images of different sizes are processed in groups of equal size.
     ``keep_on_device``: leave each ``saliency`` on the model's device (for a caller that goes on
     computing with it there) instead of copying it to the CPU.
+
+    Several targets per image: an entry of ``targets`` may be a list of classes, and ``top_k=k``
+    explains the ``k`` most probable classes of every image whose entry is ``None``. Then the result is
+    one list per image, holding one :class:`Explanation` per target in the entry's order (top-k: most
+    probable first; an int entry gives a list of one). All targets of an image share its one forward;
+    the gradients take one backward per target position; every masked input of every (image, target)
+    is scored in the same chunks. With one int/``None`` per image and no ``top_k`` the result is the
+    flat list of one :class:`Explanation` per image, as before.
     """
     method = validate_method(method)
     theta = validate_theta(theta)
     precision = validate_precision(precision)
     validate_batch_size(batch_size)  # before any work
+    validate_top_k(top_k)
+    reshape = validate_reshape(reshape)
     if isinstance(images, Image.Image) or (isinstance(images, torch.Tensor) and images.dim() != 4):
         raise InvalidInputError("images", "is a single image", "a list of images (use explain() for one)")
     images = list(images)
@@ -87,8 +102,13 @@ def explain_batch(
     if len(targets) != len(images):
         raise InvalidInputError("targets", f"has {len(targets)} entries for {len(images)} images", "one per image")
     pixels = [validate_image(im, f"images[{i}]" if len(images) > 1 else "image") for i, im in enumerate(images)]
-    validate_targets(targets)  # types now; the upper bound once the model's class count is known
+    targets = validate_target_entries(targets)  # types now; the upper bound once the model's class count is known
+    multi = top_k is not None or any(isinstance(t, list) for t in targets)
     layer_ref = resolve_layer(model, layer)
+    for i, px in enumerate(pixels):
+        validate_input_size(model, tuple(px.shape[-2:]), f"images[{i}]" if len(images) > 1 else "image")
+    if reshape is None and callable(getattr(model, "layer_reshape", None)):
+        reshape = model.layer_reshape(layer_ref[0])  # torchvision ViT / Swin tokens → [N, C, h, w]
     if device is not None:
         model.to(device)
     # Channels-last convolutions are faster on GPUs and CPUs alike (VGG16 on this project's 2-core CPU:
@@ -107,15 +127,16 @@ def explain_batch(
         from tqdm.auto import tqdm
 
         bar = tqdm(desc=f"{method} masked forwards", unit="fwd", leave=False)
-    results: list[Explanation | None] = [None] * len(images)
+    results: list[Any] = [None] * len(images)
     try:
         scorer = Scorer(model, batch_size, bar, precision)
         with backend_flags(dev, precision):
             for size, idx in groups.items():
                 scorer.batch_size = batch_size or default_batch_size(dev, size)
                 x = torch.stack([pixels[i] for i in idx]).to(dev, dtype)
-                for i, res in zip(idx, _explain_group(model, x, [targets[i] for i in idx], impl, options,
-                                                      layer_ref, scorer, keep_on_device)):
+                group = _explain_group(model, x, [targets[i] for i in idx], impl, options, layer_ref, scorer,
+                                       keep_on_device, reshape, top_k if multi else None, multi)
+                for i, res in zip(idx, group):
                     results[i] = res
     finally:
         if bar is not None:
@@ -125,9 +146,14 @@ def explain_batch(
 
 def _explain_group(model: nn.Module, x: torch.Tensor, targets: list[int | None], impl: _methods.Method,
                    options: Options, layer: tuple[str, nn.Module], scorer: Scorer,
-                   keep_on_device: bool) -> list[Explanation]:
+                   keep_on_device: bool, reshape: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                   top_k: int | None = None, multi: bool = False) -> list[Any]:
+    """One :class:`Explanation` per image, or (``multi``) one list of them per image."""
     start = time.perf_counter()
-    p = forward_pass(model, x, targets, layer, impl.needs_gradients)
+    if multi:
+        p = forward_pass(model, x, targets, layer, impl.needs_gradients, reshape=reshape, top_k=top_k)
+    else:
+        p = forward_pass(model, x, targets, layer, impl.needs_gradients, reshape=reshape)
     out = impl.run(p, scorer, options)
     # Results reach the host once, at the end (no sync per chunk or per channel).
     saliency = out.saliency.float() if keep_on_device else out.saliency.float().cpu()
@@ -136,7 +162,7 @@ def _explain_group(model: nn.Module, x: torch.Tensor, targets: list[int | None],
     per_image = {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in out.per_image.items()}
     per_image.setdefault("masked_forwards", 0)
     elapsed = time.perf_counter() - start
-    B = x.shape[0]
+    B = p.x.shape[0]  # rows: one per image, or one per (image, target)
     results = []
     for b in range(B):
         mine = {k: (v[b] if isinstance(v, list) else v) for k, v in per_image.items()}
@@ -144,7 +170,12 @@ def _explain_group(model: nn.Module, x: torch.Tensor, targets: list[int | None],
         details["channels"] = int(p.acts.shape[1])
         details["seconds"] = elapsed / B
         results.append(Explanation(saliency[b], int(target_l[b]), float(score_l[b]), impl.name, details))
-    return results
+    if not multi:
+        return results
+    grouped: list[list[Explanation]] = [[] for _ in range(x.shape[0])]
+    for i, res in zip(p.image_index.tolist(), results):
+        grouped[i].append(res)
+    return grouped
 
 
 def explain(
@@ -159,7 +190,9 @@ def explain(
     device: str | torch.device | None = None,
     progress: bool = False,
     precision: str = "fp32",
-) -> Explanation:
+    top_k: int | None = None,
+    reshape: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Explanation | list[Explanation]:
     """Explain why ``model`` gives ``image`` the class ``target``.
 
     Args:
@@ -167,7 +200,8 @@ def explain(
             :func:`unioncam.load_vgg16`), in eval mode.
         image: float tensor ``[3, H, W]`` in ``[0, 1]``, or a PIL image (used at its own size).
         method: one of :data:`METHODS` (or a method registered with :func:`unioncam.methods.register`).
-        target: class index; ``None`` → the model's arg-max class.
+        target: class index; ``None`` → the model's arg-max class; a list of classes → a list of
+            explanations, one per class, from one forward.
         theta: AMD percentile θ in ``[0, 100]`` (UnionCAM only).
         layer: name from ``model.named_modules()``; ``None`` → ``model.default_layer``.
         batch_size: masked inputs per forward pass; ``None`` → 64 on CUDA; on a CPU 8 at 224², up to
@@ -178,14 +212,21 @@ def explain(
         precision: ``"fp32"`` (strict float32, TF32 off on CUDA), ``"tf32"`` (CUDA's TF32 matrix maths),
             ``"bf16"`` or ``"fp16"`` (autocast dtype of the masked forwards; the gradient pass, the model's
             head, every softmax and UnionCAM's three β forwards stay float32).
+        top_k: explain the ``k`` most probable classes (with ``target=None``): a list of ``k``
+            explanations, most probable first.
+        reshape: for a layer whose output is not ``[N, C, h, w]`` (a transformer's tokens): a function
+            from its output to ``[N, C, h, w]`` that only selects and rearranges entries (it is applied
+            to the activation and to its gradient alike), e.g. :func:`unioncam.models.vit_tokens_to_map`.
+            Models from :func:`unioncam.load_model` (torchvision ViT and Swin) bring their own.
 
     Returns:
-        :class:`Explanation`.
+        :class:`Explanation`, or a list of them for a list ``target`` or ``top_k``.
 
     Raises:
         InvalidInputError: a bad argument; the message names it and says what is accepted.
     """
-    if isinstance(target, (list, tuple)):
-        raise InvalidInputError("target", f"{target!r} is a sequence", "one class index or None")
+    if isinstance(target, tuple):
+        target = list(target)
     return explain_batch(model, [image], targets=[target], method=method, theta=theta, layer=layer,
-                         batch_size=batch_size, device=device, progress=progress, precision=precision)[0]
+                         batch_size=batch_size, device=device, progress=progress, precision=precision,
+                         top_k=top_k, reshape=reshape)[0]

@@ -35,10 +35,19 @@ def unioncam_reference(
     target: int | None = None,
     theta: float = 10.0,
     layer: str | None = None,
+    reshape=None,
 ) -> Explanation:
-    """UnionCAM of one image ``[3, H, W]`` in ``[0, 1]``, exactly as ``unioncam-spec.md`` states it."""
+    """UnionCAM of one image ``[3, H, W]`` in ``[0, 1]``, exactly as ``unioncam-spec.md`` states it.
+
+    ``reshape``: for a token layer, the function that turns its output into ``[1, K, h, w]`` (applied to
+    the activation and to the gradient alike); default the model's ``layer_reshape(layer)`` if it has one.
+    """
     layer = layer or model.default_layer
     module = dict(model.named_modules())[layer]
+    if reshape is None and callable(getattr(model, "layer_reshape", None)):
+        reshape = model.layer_reshape(layer)
+    if reshape is None:
+        reshape = lambda t: t  # noqa: E731 - already [1, K, h, w]
     H, W_ = image.shape[-2:]
     size = (H, W_)
     x = image[None].to(next(model.parameters()).device)
@@ -63,8 +72,8 @@ def unioncam_reference(
         handle.remove()
     c = int(logits.argmax()) if target is None else int(target)
     score = logits.detach().float().softmax(-1)[c].item()
-    grad = torch.autograd.grad(logits[c], saved["A"])[0][0].float()  # W, [K, h, w]
-    A = saved["A"].detach()[0].float()  # [K, h, w]
+    grad = reshape(torch.autograd.grad(logits[c], saved["A"])[0])[0].float()  # W, [K, h, w]
+    A = reshape(saved["A"].detach())[0].float()  # [K, h, w]
     K = A.shape[0]
 
     # AMD: eqs. 1–3, channel by channel.

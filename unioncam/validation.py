@@ -27,6 +27,11 @@ __all__ = [
     "validate_target",
     "validate_targets",
     "validate_theta",
+    "validate_input_size",
+    "validate_reshape",
+    "validate_target_entries",
+    "validate_target_list",
+    "validate_top_k",
 ]
 
 #: ``precision`` → the dtype of the masked forwards (``None``: float32). ``fp32`` is strict float32 on
@@ -109,6 +114,47 @@ def validate_target(target: Any, num_classes: int | None = None, field: str = "t
 def validate_targets(targets: Sequence[Any], num_classes: int | None = None) -> list[int | None]:
     """:func:`validate_target` of each entry."""
     return [validate_target(t, num_classes) for t in targets]
+
+
+def validate_target_list(targets: Any, num_classes: int | None = None, field: str = "targets") -> list[int]:
+    """A non-empty list of class indices (each as :func:`validate_target`) for one image."""
+    if not isinstance(targets, (list, tuple)) or len(targets) == 0:
+        raise InvalidInputError(field, f"{targets!r} is not a non-empty list of classes",
+                                "a class index, None, or a non-empty list of class indices")
+    return [validate_target(t, num_classes, field) for t in targets]  # type: ignore[misc]
+
+
+def validate_target_entries(targets: Sequence[Any], num_classes: int | None = None) -> list[Any]:
+    """One entry per image: a class index, ``None`` or a non-empty list of class indices."""
+    return [validate_target_list(t, num_classes, f"targets[{i}]") if isinstance(t, (list, tuple))
+            else validate_target(t, num_classes) for i, t in enumerate(targets)]
+
+
+def validate_top_k(top_k: Any, num_classes: int | None = None) -> int | None:
+    """How many top classes to explain per image: an integer in ``[1, num_classes]``, or ``None``."""
+    if top_k is None:
+        return None
+    accepted = "an integer ≥ 1" if num_classes is None else f"an integer in [1, {num_classes}]"
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1 or (
+            num_classes is not None and top_k > num_classes):
+        raise InvalidInputError("top_k", f"{top_k!r}", accepted)
+    return top_k
+
+
+def validate_reshape(reshape: Any) -> Any:
+    """``reshape``: ``None`` or a callable turning a layer's output into ``[N, C, h, w]``."""
+    if reshape is not None and not callable(reshape):
+        raise InvalidInputError("reshape", f"is a {type(reshape).__name__}",
+                                "None or a function from the layer's output to [N, C, h, w]")
+    return reshape
+
+
+def validate_input_size(model: nn.Module, size: tuple[int, int], name: str = "image") -> None:
+    """Images of a model with a fixed ``input_size`` (torchvision's ViTs) must have that size."""
+    fixed = getattr(model, "input_size", None)
+    if fixed is not None and tuple(size) != tuple(fixed):
+        raise InvalidInputError(name, f"is {size[0]}×{size[1]}",
+                                f"{fixed[0]}×{fixed[1]} for this model (resize it, e.g. load_image(path, size={fixed[0]}))")
 
 
 def default_layer(model: nn.Module) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from ..errors import InvalidInputError
-from ..validation import validate_targets
+from ..validation import validate_target_list, validate_targets, validate_top_k
 
-__all__ = ["Pass", "black_probs", "capture", "forward_pass", "frozen", "model_device", "model_dtype"]
+__all__ = ["Pass", "apply_reshape", "black_probs", "capture", "forward_pass", "frozen", "model_device", "model_dtype"]
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -51,14 +51,21 @@ def frozen(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def capture(module: nn.Module, name: str, need_grad: bool) -> Iterator[dict[str, torch.Tensor]]:
-    """Record ``module``'s output as ``A``; when ``need_grad``, as a leaf that the logits' graph starts from."""
+def capture(module: nn.Module, name: str, need_grad: bool,
+            tokens: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """Record ``module``'s output as ``A``; when ``need_grad``, as a leaf that the logits' graph starts from.
+
+    ``tokens``: the output may have any shape (a ``reshape`` turns it into ``[N, C, h, w]`` afterwards);
+    otherwise it must be ``[N, C, h, w]``.
+    """
     store: dict[str, torch.Tensor] = {}
 
     def hook(_mod: nn.Module, _inp: Any, out: Any) -> Any:
-        if not isinstance(out, torch.Tensor) or out.dim() != 4:
+        if not isinstance(out, torch.Tensor) or (out.dim() != 4 and not tokens):
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise InvalidInputError("layer", f"{name!r} outputs {shape}", "a layer whose output is [N, C, h, w]")
+            raise InvalidInputError("layer", f"{name!r} outputs {shape}",
+                                    "a layer whose output is [N, C, h, w], or pass reshape= (a function that "
+                                    "turns its output into [N, C, h, w], e.g. unioncam.models.vit_tokens_to_map)")
         a = out.detach()
         if need_grad:
             a.requires_grad_(True)
@@ -73,6 +80,17 @@ def capture(module: nn.Module, name: str, need_grad: bool) -> Iterator[dict[str,
         handle.remove()
 
 
+def apply_reshape(reshape: Callable[[torch.Tensor], torch.Tensor], t: torch.Tensor, name: str,
+                  what: str = "activation") -> torch.Tensor:
+    """``reshape(t)`` checked to be ``[N, C, h, w]`` with ``t``'s batch size; made contiguous."""
+    out = reshape(t)
+    if not isinstance(out, torch.Tensor) or out.dim() != 4 or out.shape[0] != t.shape[0]:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise InvalidInputError("reshape", f"turned layer {name!r}'s {what} {tuple(t.shape)} into {shape}",
+                                f"a function returning [N, C, h, w] with N = {t.shape[0]}")
+    return out.contiguous()
+
+
 @dataclass
 class Pass:
     """What one forward + backward over a batch of same-size images gives every method."""
@@ -83,6 +101,9 @@ class Pass:
     acts: torch.Tensor  #: ``A``: ``[B, K, h, w]``
     grads: torch.Tensor | None  #: ``W = ∂ logit_c / ∂A``, ``[B, K, h, w]`` (``None`` without gradients)
     layer: str  #: the explained layer's name
+    #: ``[B]`` long: which image of the call each row explains (``None``: row ``i`` is image ``i``). Several
+    #: targets per image give several rows of one image (``x``, ``acts`` repeated; ``grads`` per target).
+    image_index: torch.Tensor | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -94,18 +115,29 @@ class Pass:
         return self.probs.gather(1, self.targets[:, None]).squeeze(1)
 
 
-def forward_pass(model: nn.Module, x: torch.Tensor, targets: Sequence[int | None],
-                 layer: tuple[str, nn.Module], need_grad: bool) -> Pass:
+def forward_pass(model: nn.Module, x: torch.Tensor, targets: Sequence[int | None | Sequence[int]],
+                 layer: tuple[str, nn.Module], need_grad: bool,
+                 reshape: Callable[[torch.Tensor], torch.Tensor] | None = None, top_k: int | None = None) -> Pass:
     """One forward over ``x`` with the layer captured; one head-only backward when ``need_grad``.
 
-    ``targets``: one class per image, ``None`` → the arg-max class; checked against the model's class count.
+    ``targets``: one entry per image: a class, ``None`` → the arg-max class (the ``top_k`` classes when
+    ``top_k`` is given), or a list of classes; checked against the model's class count. With one class
+    per image the pass has one row per image; otherwise one row per (image, class), in image order then
+    the entry's order (``Pass.image_index`` says which image), from the same single forward and one
+    backward per target position.
+    ``reshape``: turns the layer's raw output (tokens) into ``[N, C, h, w]``; it is applied to the
+    captured activation and to its gradient alike, so it must only select and rearrange entries.
     """
     name, module = layer
-    with frozen(model), capture(module, name, need_grad) as store, torch.set_grad_enabled(need_grad):
+    multi = top_k is not None or any(isinstance(c, (list, tuple)) for c in targets)
+    with frozen(model), capture(module, name, need_grad, tokens=reshape is not None) as store, \
+            torch.set_grad_enabled(need_grad):
         logits = model(x)
         if "A" not in store:
             raise InvalidInputError("layer", f"{name!r} did not run in the model's forward", "a layer on the forward path")
         probs = logits.detach().float().softmax(-1)
+        if multi:
+            return _multi_pass(x, logits, probs, store["A"], targets, top_k, name, need_grad, reshape)
         validate_targets(targets, probs.shape[1])
         t = probs.argmax(1)
         given = [(i, c) for i, c in enumerate(targets) if c is not None]
@@ -116,7 +148,56 @@ def forward_pass(model: nn.Module, x: torch.Tensor, targets: Sequence[int | None
         if need_grad:
             # Images are independent in eval mode, so one backward of the summed logits gives each its own W.
             (grads,) = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), store["A"])
-    return Pass(x=x, targets=t, probs=probs, acts=store["A"].detach(), grads=grads, layer=name)
+    acts = store["A"].detach()
+    if reshape is not None:
+        acts = apply_reshape(reshape, acts, name)
+        grads = None if grads is None else apply_reshape(reshape, grads, name, "gradient")
+    return Pass(x=x, targets=t, probs=probs, acts=acts, grads=grads, layer=name)
+
+
+def _multi_pass(x: torch.Tensor, logits: torch.Tensor, probs: torch.Tensor, raw: torch.Tensor,
+                targets: Sequence[int | None | Sequence[int]], top_k: int | None, name: str, need_grad: bool,
+                reshape: Callable[[torch.Tensor], torch.Tensor] | None) -> Pass:
+    """The rows of several targets per image (see :func:`forward_pass`)."""
+    num_classes = probs.shape[1]
+    validate_top_k(top_k, num_classes)
+    top = probs.topk(top_k or 1, dim=1).indices.tolist()
+    per_image: list[list[int]] = []
+    for i, c in enumerate(targets):
+        if c is None:
+            per_image.append(top[i])
+        elif isinstance(c, (list, tuple)):
+            per_image.append(validate_target_list(c, num_classes, f"targets[{i}]"))
+        else:
+            per_image.append([validate_targets([c], num_classes)[0]])
+    rows = [(i, c) for i, cs in enumerate(per_image) for c in cs]
+    dev = x.device
+    img = torch.tensor([i for i, _ in rows], device=dev)
+    t = torch.tensor([c for _, c in rows], device=dev)
+    grads = None
+    if need_grad:
+        # One backward per target position j: the j-th target of every image at once (images are
+        # independent in eval mode), so the head's backward runs max-targets times, not once per row.
+        grads = torch.empty((len(rows), *raw.shape[1:]), device=dev, dtype=raw.dtype)
+        J = max(len(cs) for cs in per_image)
+        for j in range(J):
+            r_idx, i_idx, c_idx = [], [], []
+            r = 0
+            for i, cs in enumerate(per_image):
+                if j < len(cs):
+                    r_idx.append(r + j)
+                    i_idx.append(i)
+                    c_idx.append(cs[j])
+                r += len(cs)
+            ii = torch.tensor(i_idx, device=dev)
+            cc = torch.tensor(c_idx, device=dev)
+            (g,) = torch.autograd.grad(logits[ii, cc].sum(), raw, retain_graph=j < J - 1)
+            grads[torch.tensor(r_idx, device=dev)] = g[ii]
+    acts = raw.detach()[img]
+    if reshape is not None:
+        acts = apply_reshape(reshape, acts, name)
+        grads = None if grads is None else apply_reshape(reshape, grads, name, "gradient")
+    return Pass(x=x[img], targets=t, probs=probs[img], acts=acts, grads=grads, layer=name, image_index=img)
 
 
 _BLACK: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, torch.Tensor]]" = weakref.WeakKeyDictionary()

@@ -10,38 +10,57 @@ from torch import nn
 from ..errors import InvalidInputError
 from .shapes import SHAPE_CLASSES, ShapesCNN, load_shapes_cnn
 from .vgg import IMAGENET_MEAN, IMAGENET_STD, PixelVGG16, imagenet_categories, load_vgg16
+from .zoo import (
+    TORCHVISION_MODELS,
+    default_layer_of,
+    load_torchvision,
+    nhwc_to_nchw,
+    pixel_model,
+    vit_tokens_to_map,
+)
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "MODELS",
     "SHAPE_CLASSES",
+    "TORCHVISION_MODELS",
     "PixelVGG16",
     "ShapesCNN",
+    "default_layer_of",
     "imagenet_categories",
     "load_model",
     "load_shapes_cnn",
+    "load_torchvision",
     "load_vgg16",
+    "nhwc_to_nchw",
+    "pixel_model",
+    "vit_tokens_to_map",
 ]
 
-#: The names :func:`load_model` knows besides ``package.module:factory``.
-MODELS: tuple[str, ...] = ("vgg16", "shapes")
+#: The names :func:`load_model` knows besides ``package.module:factory``: ``vgg16`` (:class:`PixelVGG16`),
+#: ``shapes`` and every torchvision classifier.
+MODELS: tuple[str, ...] = ("vgg16", "shapes", *(n for n in TORCHVISION_MODELS if n != "vgg16"))
 
 
 def load_model(name: str, weights: str | None = None, seed: int = 0,
                device: str | torch.device | None = None) -> nn.Module:
     """A pixel-space classifier in eval mode with frozen parameters, by name.
 
-    ``vgg16`` (``weights``: ``imagenet`` (default), ``random`` or a path), ``shapes`` (the ground-truth
-    benchmark's CNN; ``weights``: a path, default the shipped file) or ``package.module:factory``
-    (called with no arguments; must return a pixel-space classifier, with ``default_layer`` or used
-    with ``layer=``).
+    ``vgg16`` (:class:`PixelVGG16`; ``weights``: ``imagenet`` (default), ``random`` or a path), ``shapes``
+    (the ground-truth benchmark's CNN; ``weights``: a path, default the shipped file), any other
+    torchvision classifier by its torchvision name (``resnet50``, ``vit_b_16``, ``swin_t``, …: see
+    :func:`unioncam.models.load_torchvision`; ``weights``: ``imagenet`` (default), a torchvision weights
+    name, ``random`` or a path) or ``package.module:factory`` (called with no arguments; must return a
+    pixel-space classifier, with ``default_layer`` or used with ``layer=``).
     """
     if name == "vgg16":
         return load_vgg16(weights or "imagenet", seed=seed, device=device)
     if name == "shapes":
         return load_shapes_cnn(weights, device=device)
-    accepted = f"{', '.join(MODELS)} or package.module:factory"
+    if isinstance(name, str) and name in TORCHVISION_MODELS:
+        return load_torchvision(name, weights or "imagenet", seed=seed, device=device)
+    accepted = "vgg16, shapes, a torchvision classifier name (resnet50, vit_b_16, …) or package.module:factory"
     if isinstance(name, str) and ":" in name:
         mod, _, attr = name.partition(":")
         try:
