@@ -29,12 +29,19 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         names.append(Path(path).stem)
     model = load_model(args.model, args.weights, seed=args.seed, device=args.device)
     cats = getattr(model, "categories", None)
+    if args.top_k is not None and args.target is not None:
+        raise ValueError("--top-k and --target exclude each other")
     for method in args.method:
         results = explain_batch(model, images, targets=[args.target] * len(images), method=method, theta=args.theta,
                                 layer=args.layer, batch_size=args.batch_size, progress=not args.quiet,
-                                precision=args.precision)
-        for name, img, res in zip(names, images, results):
-            stem = out / f"{name}.{method}"
+                                precision=args.precision, top_k=args.top_k)
+        if args.top_k is None:
+            rows = [(name, f"{name}.{method}", img, res) for name, img, res in zip(names, images, results)]
+        else:
+            rows = [(name, f"{name}.{method}.top{r + 1}", img, res)
+                    for name, img, per in zip(names, images, results) for r, res in enumerate(per)]
+        for name, stem_name, img, res in rows:
+            stem = out / stem_name
             overlay(img, res.saliency, alpha=args.alpha, cmap=args.cmap).save(f"{stem}.png")
             record = {
                 "image": name,
@@ -77,13 +84,21 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--theta", type=theta_arg, default=10.0,
                     help="UnionCAM denoising percentile θ in [0, 100]; default 10 (the paper's)")
     ex.add_argument("--model", default="vgg16",
-                    help="vgg16 (default), shapes (the ground-truth benchmark's CNN) or package.module:factory")
+                    help="vgg16 (default), shapes (the ground-truth benchmark's CNN), any torchvision "
+                    "classifier by name (resnet50, densenet121, convnext_tiny, vit_b_16, swin_t, …) or "
+                    "package.module:factory")
     ex.add_argument("--weights", default=None,
-                    help="'imagenet' (torchvision's; cached under $TORCH_HOME or downloaded), 'random' "
-                    "(seeded, for trying things offline) or a path to a torchvision VGG16 state dict; "
-                    "default imagenet (vgg16) or the shipped weights (shapes)")
+                    help="'imagenet' (torchvision's; cached under $TORCH_HOME or downloaded), a torchvision "
+                    "weights name (e.g. IMAGENET1K_V2), 'random' (seeded, for trying things offline) or a path "
+                    "to a state dict of that architecture; default imagenet (torchvision models) or the "
+                    "shipped weights (shapes)")
     ex.add_argument("--seed", type=int, default=0, help="seed for --weights random; default 0")
-    ex.add_argument("--layer", default=None, help="module name to explain; default features.29 (conv5_3 ReLU)")
+    ex.add_argument("--top-k", type=int, default=None,
+                    help="explain the K most probable classes of each image (files NAME.METHOD.top1.png, …); "
+                    "not with --target")
+    ex.add_argument("--layer", default=None,
+                    help="module name to explain; default the model's default_layer (vgg16: features.29, "
+                    "the conv5_3 ReLU; see the README's Models table)")
     ex.add_argument("--size", type=int, default=224, help="resize images to SIZE×SIZE first; default 224")
     ex.add_argument("--batch-size", type=int, default=None,
                     help="masked inputs per forward pass; default 64 on CUDA, on a CPU 8 at 224² and up to 64 for smaller images")

@@ -448,12 +448,12 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--model",
         default="vgg16",
-        help="vgg16 (default), shapes (the ground-truth benchmark's CNN) or package.module:factory",
+        help="vgg16 (default), shapes (the ground-truth benchmark's CNN), any torchvision classifier by name (resnet50, densenet121, convnext_tiny, vit_b_16, swin_t, …) or package.module:factory",
     )
     p.add_argument(
         "--weights",
         default=None,
-        help="vgg16: imagenet (default), random or a path; shapes: a path (default: the committed weights)",
+        help="imagenet (default: torchvision's weights, from the torch hub cache or downloaded), a torchvision weights name (e.g. IMAGENET1K_V2), random (seeded) or a path to a state dict of that architecture; shapes: a path (default: the committed weights)",
     )
     p.add_argument("--weights-seed", type=int, default=0, help="seed of --weights random; default 0")
     p.add_argument("--size", type=int, default=224, help="resize images to SIZE×SIZE; default 224")

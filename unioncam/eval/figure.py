@@ -123,7 +123,9 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("--shapes-seed", type=int, default=1, help="their seed; default 1 (the held-out split)")
     p.add_argument("--method", type=methods_arg, default="all", help="methods or 'all' (default)")
-    p.add_argument("--model", default="vgg16", help="vgg16 (default), shapes or package.module:factory")
+    p.add_argument("--model", default="vgg16",
+                   help="vgg16 (default), shapes, a torchvision classifier name (resnet50, vit_b_16, …) "
+                   "or package.module:factory")
     p.add_argument("--weights", default=None, help="as for `unioncam evaluate`")
     p.add_argument("--weights-seed", type=int, default=0)
     p.add_argument("--size", type=int, default=224, help="image side; default 224")

@@ -230,6 +230,16 @@ def _unzero_head(model: nn.Module) -> None:
             nn.init.trunc_normal_(mod.weight, std=0.02)
 
 
+def _state_classes(state: dict) -> int:
+    """The class count of a torchvision state dict: its last non-auxiliary classifier weight's rows."""
+    for key in reversed(list(state)):
+        t = state[key]
+        if (key.endswith(".weight") and "aux" not in key.lower() and isinstance(t, torch.Tensor)
+                and (t.dim() == 2 or (t.dim() == 4 and key.startswith("classifier")))):
+            return int(t.shape[0])  # squeezenet's head is a 1×1 convolution
+    return 1000
+
+
 def _head_key(model: nn.Module) -> str | None:
     for mname, mod in reversed(list(model.named_modules())):
         if isinstance(mod, nn.Linear) and mname and "aux" not in mname.lower():
@@ -297,10 +307,7 @@ def load_torchvision(name: str, weights: str | os.PathLike = "imagenet", seed: i
             state = state["state_dict"]
         if not isinstance(state, dict):
             raise ValueError(f"weights: {path} does not hold a state dict (got {type(state).__name__})")
-        with torch.device("meta"):
-            key = _head_key(get_model(name, weights=None, **_builder_kwargs(name, True)))
-        head = state.get(key) if key else None
-        num_classes = head.shape[0] if isinstance(head, torch.Tensor) and head.dim() == 2 else 1000
+        num_classes = _state_classes(state)
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = get_model(name, weights=None, num_classes=num_classes, **_builder_kwargs(name, True))
