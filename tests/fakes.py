@@ -13,12 +13,14 @@ class FakeContext:
     def __init__(self, model_dir: Path, headers: list[dict[str, str]]) -> None:
         self.system_properties = {"model_dir": str(model_dir), "gpu_id": None}
         self.model_yaml_config = {"handler": {"image_size": SIZE, "method": "unioncam", "theta": 10.0,
-                                              "weights": "random", "seed": 0, "batch_size": 64}}
+                                              "weights": "random", "seed": 0, "batch_size": 64,
+                                              "explain_slots": 1}}
         self.model_name = "unioncam"
         self.metrics = None
         self.headers = headers
         self.status: dict[int, int] = {}
         self.content_type: dict[int, str] = {}
+        self.response_headers: dict[int, dict[str, str]] = {}
 
     def get_request_header(self, idx, key):
         return self.headers[idx].get(key)
@@ -31,4 +33,4 @@ class FakeContext:
         self.content_type[idx] = value
 
     def set_response_header(self, idx, key, value):
-        pass
+        self.response_headers.setdefault(idx, {})[key] = value

@@ -58,8 +58,10 @@ GOOD = _png(_photo(0))
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("serve")
+    # One worker with all the cores, as this test process has: maps are then bit-identical to in-process ones
+    # (a worker with fewer threads sums in another order). Batches of 4 to test per-request answers.
     settings = ArchiveSettings(weights="random", seed=0, image_size=SIZE, method="unioncam", batch_size=64,
-                               max_batch_size=4, max_batch_delay_ms=100, response_timeout_s=120)
+                               max_batch_size=4, max_batch_delay_ms=100, response_timeout_s=120, workers=1)
     build_archive(settings, base / "model_store", NAME)
     config = base / "config.properties"
     config.write_text(config_text(Ports.free(), max_request_mb=1))
@@ -409,7 +411,8 @@ def test_archive_is_self_contained_and_tiny(server):
     cfg = yaml.safe_load(z.read("model-config.yaml"))
     assert cfg["handler"].pop("engine") == f"unioncam {unioncam.__version__} ({package_digest()})"
     assert cfg["handler"] == {"image_size": SIZE, "method": "unioncam", "theta": 10.0, "layer": None,
-                              "batch_size": 64, "precision": "fp32", "weights": "random", "seed": 0}
+                              "batch_size": 64, "precision": "fp32", "explain_slots": 1, "weights": "random",
+                              "seed": 0}
     assert cfg["batchSize"] == 4 and cfg["maxBatchDelay"] == 100 and cfg["responseTimeout"] == 120
     names_map = json.loads(z.read("index_to_name.json"))
     assert len(names_map) == 1000 and names_map["0"] == unioncam.imagenet_categories()[0]

@@ -82,6 +82,29 @@ def test_serve_builds_runs_and_stops_on_ctrl_c(tmp_path):
         r = requests.post(f"http://127.0.0.1:{port}/predictions/unioncam", data=(ROOT / "samples/chelsea.png").read_bytes(),
                           headers={"Authorization": f"Bearer {key}"}, timeout=60)
         assert r.status_code == 200 and len(r.json()["predictions"]) == 5
+        assert (tmp_path / "runs" / "current").resolve() == run.resolve()  # the stable pointer
+        assert any("expires" in x and "unioncam token" in x for x in lines)
+        # Renew the key while it runs: the new one works, the old one no longer does.
+        env_cli = dict(env)
+        out = subprocess.run([sys.executable, "-m", "unioncam", "token", "--runs", str(tmp_path / "runs")],
+                             capture_output=True, text=True, env=env_cli, cwd=tmp_path, timeout=60)
+        assert out.returncode == 0, out.stderr
+        new = json.loads((run / "key_file.json").read_text())["inference"]["key"]
+        assert new != key and new in out.stdout and "expires" in out.stdout
+        for k, status in ((new, 200), (key, 400)):
+            r = requests.post(f"http://127.0.0.1:{port}/predictions/unioncam",
+                              data=(ROOT / "samples/chelsea.png").read_bytes(),
+                              headers={"Authorization": f"Bearer {k}"}, timeout=60)
+            assert r.status_code == status
+        # A second server on the same ports says so first, and leaves the archive alone.
+        mar = tmp_path / "store" / "unioncam.mar"
+        stamp = mar.stat().st_mtime_ns
+        second = subprocess.run(
+            [sys.executable, "-m", "unioncam", "serve", "--weights", "random", "--image-size", "64",
+             "--model-store", str(tmp_path / "store"), "--runs", str(tmp_path / "runs2"), "--config", str(config)],
+            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+        assert second.returncode == 2 and "in use" in second.stderr and "--port" in second.stderr
+        assert mar.stat().st_mtime_ns == stamp and not (tmp_path / "runs2").exists()
         ts_pid = int((run / "torchserve.pid").read_text())
         proc.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal sends
         rest, _ = proc.communicate(timeout=60)

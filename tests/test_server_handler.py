@@ -81,3 +81,43 @@ def test_malformed_bodies_name_the_problem(handler, body, field):
     out = handler.handle([body], ctx)
     assert ctx.status == {0: 400}, out
     assert out[0]["error"]["field"] == field
+
+
+def test_explanations_past_the_slot_limit_get_503_with_retry_after(handler):
+    # One slot (the archive's default for 2 workers): while it is held, e.g. by the other worker, a
+    # masked-forward explanation is refused at once; predictions and gradient methods are still served.
+    ctx = FakeContext(Path("."), [{"explain": "True"}, {"explain": "True"}, {}])
+    rows = [{"image": _png(), "method": b"scorecam"}, {"image": _png(), "method": b"gradcam"}, {"body": _png()}]
+    with handler.slots.acquire() as held:
+        assert held
+        out = handler.handle(rows, ctx)
+    assert ctx.status == {0: 503}
+    assert out[0]["error"]["field"] == "server" and int(ctx.response_headers[0]["Retry-After"]) >= 1
+    assert out[1]["method"] == "gradcam" and len(out[2]["predictions"]) == 5
+    ctx = FakeContext(Path("."), [{"explain": "True"}])
+    out = handler.handle(rows[:1], ctx)  # the slot is free again
+    assert ctx.status == {} and out[0]["method"] == "scorecam"
+
+
+def test_slots_are_shared_across_processes(tmp_path):
+    import subprocess
+    import sys
+
+    from unioncam.serve.limits import Slots
+
+    key = str(tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from unioncam.serve.limits import Slots\n"
+        f"with Slots({key!r}, 1).acquire() as ok:\n"
+        "    print(ok, flush=True); time.sleep(30)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "True"
+        with Slots(key, 1).acquire() as ok:
+            assert ok is False  # the other process holds the only slot
+        with Slots(key, 2).acquire() as ok:
+            assert ok is True  # a second slot is free
+    finally:
+        holder.kill()
+        holder.wait()
+    with Slots(key, 1).acquire() as ok:
+        assert ok is True  # released when its holder died

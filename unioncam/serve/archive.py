@@ -59,10 +59,33 @@ class ArchiveSettings:
     layer: str | None = None
     batch_size: int | None = None  # masked inputs per forward; None: the engine's default for the device
     precision: str = "fp32"  # dtype of the masked forwards
-    max_batch_size: int = 4  # requests TorchServe groups into one handler call
+    #: Requests TorchServe groups into one handler call. 1: a batch is answered all at once, so a slow
+    #: explanation would hold up (and share a timeout with) whatever shares its batch.
+    max_batch_size: int = 1
     max_batch_delay_ms: int = 50
-    response_timeout_s: int = 600  # a 224×224 UnionCAM is ~500 VGG16 forwards: minutes on a CPU
-    workers: int = 1
+    #: Seconds TorchServe waits for a batch; None: 3× the slowest method's CPU estimate at ``image_size``
+    #: per request (:func:`unioncam.serve.limits.response_timeout`), at least 60.
+    response_timeout_s: int | None = None
+    #: Worker processes; on a CPU each gets an equal share of the cores.
+    workers: int = 2
+    #: Masked-forward explanations (UnionCAM, Score-CAM, Group-CAM) running at once across the workers;
+    #: one more is answered 503 + Retry-After. None: workers − 1 (at least 1), so predictions and
+    #: gradient explanations always find a worker.
+    explain_slots: int | None = None
+
+    @property
+    def timeout(self) -> int:
+        """The response timeout in force."""
+        if self.response_timeout_s is not None:
+            return self.response_timeout_s
+        from .limits import response_timeout
+
+        return response_timeout(self.image_size, self.max_batch_size)
+
+    @property
+    def slots(self) -> int:
+        """The explanation slots in force."""
+        return self.explain_slots if self.explain_slots is not None else max(1, self.workers - 1)
 
     def yaml(self) -> str:
         """``model-config.yaml``'s text; it names the package's digest, so changed code reads as changed."""
@@ -71,14 +94,15 @@ class ArchiveSettings:
         from .. import __version__
 
         handler = {"image_size": self.image_size, "method": self.method, "theta": self.theta,
-                   "layer": self.layer, "batch_size": self.batch_size, "precision": self.precision}
+                   "layer": self.layer, "batch_size": self.batch_size, "precision": self.precision,
+                   "explain_slots": self.slots}
         if self.weights == "random":
             handler.update(weights="random", seed=self.seed)
         else:
             handler.update(weights="file", weights_file="vgg16.pth", source=str(self.weights))
         handler.update(engine=f"unioncam {__version__} ({package_digest()})")
         doc = {"minWorkers": self.workers, "maxWorkers": self.workers, "batchSize": self.max_batch_size,
-               "maxBatchDelay": self.max_batch_delay_ms, "responseTimeout": self.response_timeout_s,
+               "maxBatchDelay": self.max_batch_delay_ms, "responseTimeout": self.timeout,
                "handler": handler}
         return yaml.safe_dump(doc, sort_keys=False)
 
@@ -87,9 +111,9 @@ class ArchiveSettings:
         validate_method(self.method)
         validate_theta(self.theta)
         validate_precision(self.precision)
-        for name in ("image_size", "batch_size", "max_batch_size", "workers", "response_timeout_s"):
+        for name in ("image_size", "batch_size", "max_batch_size", "workers", "response_timeout_s", "explain_slots"):
             v = getattr(self, name)
-            if name == "batch_size" and v is None:
+            if name in ("batch_size", "response_timeout_s", "explain_slots") and v is None:
                 continue
             if not isinstance(v, int) or v < 1:
                 raise InvalidInputError(name.replace("_", "-"), f"{v!r}", "an integer ≥ 1")

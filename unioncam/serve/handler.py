@@ -9,8 +9,10 @@ handler runs in-process in tests without it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import os
 import time
 from typing import Any
@@ -21,10 +23,12 @@ from .. import __version__
 from ..api import explain
 from ..core.capture import black_probs, model_dtype
 from ..errors import InvalidInputError
+from ..methods import get as get_method
 from ..models import load_model
 from ..validation import validate_method, validate_precision, validate_theta
 from ..viz import overlay_png
 from . import protocol
+from .limits import Slots, explanation_seconds
 from .protocol import Item, Request
 
 logger = logging.getLogger(__name__)
@@ -48,6 +52,11 @@ class UnionCAMHandler:
         self.precision = validate_precision(cfg.get("precision", "fp32"))
         gpu = props.get("gpu_id")
         self.device = torch.device(f"cuda:{gpu}" if gpu is not None and torch.cuda.is_available() else "cpu")
+        workers = int((context.model_yaml_config or {}).get("minWorkers", 1) or 1)
+        if self.device.type == "cpu" and workers > 1:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))  # the workers share the cores
+        # Explanations with masked forwards at once across this model's workers (they share model_dir).
+        self.slots = Slots(f"{model_dir}:{context.model_name}", cfg.get("explain_slots"))
         name = cfg.get("model", "vgg16")
         if cfg.get("weights", "file") == "random":
             seed = int(cfg.get("seed", 0))
@@ -154,8 +163,13 @@ class UnionCAMHandler:
         for idx, req in list(parsed.items()):
             try:
                 if req.explain:
-                    for j, it in enumerate(req.items):
-                        answers[(idx, j)] = self._explain(it, idx)
+                    slow = any(get_method(it.method).masked for it in req.items)
+                    with (self.slots.acquire() if slow else contextlib.nullcontext(True)) as free:
+                        if not free:
+                            self._busy(context, idx, out, req)
+                            continue
+                        for j, it in enumerate(req.items):
+                            answers[(idx, j)] = self._explain(it, idx)
                 body, content_type = protocol.encode(req, [answers[(idx, j)] for j in range(len(req.items))],
                                                      context.model_name)
                 context.set_response_content_type(idx, content_type)
@@ -167,12 +181,22 @@ class UnionCAMHandler:
                 self._fail(context, idx, out, 500, InvalidInputError("request", f"failed in the engine: {exc}"))
         return out
 
+    def _busy(self, context: Any, idx: int, out: list[Any], req: Request) -> None:
+        """503 + Retry-After: every explanation slot is taken (TorchServe would otherwise queue it)."""
+        seconds = max(1, math.ceil(max(explanation_seconds(it.method, self.defaults.image_size, self.device.type)
+                                       for it in req.items)))
+        context.set_response_header(idx, "Retry-After", str(seconds))
+        self._fail(context, idx, out, 503, InvalidInputError(
+            "server", f"is running {self.slots.n} explanation(s) with masked forwards, its limit",
+            f"a retry after about {seconds} s (Retry-After), or a gradient method (gradcam, layercam, ...)"))
+
     @staticmethod
     def _fail(context: Any, idx: int, out: list[Any], code: int, exc: InvalidInputError) -> None:
         out[idx] = protocol.error_body(code, exc)
         context.set_response_content_type(idx, "application/json")
         # The reason phrase goes into the HTTP status line: ASCII only; the JSON body has the full message.
-        phrase = f"invalid {exc.field}".encode("ascii", "replace").decode("ascii")[:80]
+        phrase = {500: "Internal Server Error", 503: "Service Unavailable"}.get(code, f"invalid {exc.field}")
+        phrase = phrase.encode("ascii", "replace").decode("ascii")[:80]
         context.set_response_status(code, phrase, idx)
 
 

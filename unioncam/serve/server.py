@@ -229,7 +229,8 @@ def _settings(args: argparse.Namespace) -> ArchiveSettings:
     return ArchiveSettings(weights=args.weights, seed=args.seed, image_size=args.image_size, method=args.method,
                            theta=args.theta, layer=args.layer, batch_size=args.batch_size, precision=args.precision,
                            max_batch_size=args.max_batch_size, max_batch_delay_ms=args.max_batch_delay,
-                           response_timeout_s=args.response_timeout)
+                           response_timeout_s=args.response_timeout, workers=args.workers,
+                           explain_slots=args.explain_slots)
 
 
 def _resolve_weights(weights: str | None) -> str:
@@ -254,7 +255,36 @@ def _cmd_archive(args: argparse.Namespace) -> int:
     return 0
 
 
+def _busy_ports(ports: Ports) -> list[str]:
+    """The ports of ``ports`` that something on 127.0.0.1 already holds, as 'NAME PORT'."""
+    busy = []
+    for name, port in vars(ports).items():
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                busy.append(f"{name.replace('_', ' ')} {port}")
+    return busy
+
+
+def _expiry(run_dir: Path, api: str = "inference") -> str:
+    data = json.loads((run_dir / "key_file.json").read_text())
+    return data[api].get("expiration time", "?")
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
+    if args.config:
+        config_text_ = Path(args.config).read_text()
+    else:
+        base = args.port
+        ports = Ports(base, base + 1, base + 2, base + 3, base + 4) if base is not None else Ports()
+        config_text_ = config_text(ports)
+    ports = _ports_of(config_text_)
+    busy = _busy_ports(ports)
+    if busy:  # before anything else: never rebuild the archive under a running server
+        raise RuntimeError(f"port(s) in use on 127.0.0.1: {', '.join(busy)}. Another server may be running "
+                           "(`ls -l runs/current`); stop it, or pass --port BASE to use BASE…BASE+4.")
     args.weights = _resolve_weights(args.weights)
     store = Path(args.model_store)
     mar = store / f"{args.name}.mar"
@@ -262,10 +292,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.rebuild or archived_yaml(mar) != settings.yaml():
         print(f"building {mar} (weights {args.weights}) …", flush=True)
         build_archive(settings, store, args.name, force=True)
-    config = Path(args.config) if args.config else None
     run_dir = Path(args.runs) / (args.run_name or time.strftime("%Y%m%d-%H%M%S"))
-    server = TorchServe(model_store=store, run_dir=run_dir, models={args.name: mar.name}, config=config)
-    print(f"starting TorchServe; run folder {run_dir}", flush=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.in").write_text(config_text_)
+    current = Path(args.runs) / "current"  # a stable pointer to the latest run folder
+    tmp_link = Path(args.runs) / ".current.tmp"
+    tmp_link.unlink(missing_ok=True)
+    tmp_link.symlink_to(run_dir.name)
+    tmp_link.replace(current)
+    server = TorchServe(model_store=store, run_dir=run_dir, models={args.name: mar.name},
+                        config=run_dir / "config.in")
+    print(f"starting TorchServe; run folder {run_dir} ({current} points to it)", flush=True)
 
     def _terminate(_sig: int, _frame: Any) -> None:
         raise KeyboardInterrupt  # `kill` / a service manager: stop the server as Ctrl-C does
@@ -277,18 +314,40 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         server.start(timeout=args.startup_timeout)
         key = server.keys()["inference"]
         print(f"ready: {server.url}/predictions/{args.name}  {server.url}/explanations/{args.name}\n"
-              f"token: {key}  (also in {run_dir / 'key_file.json'})\n"
+              f"token: {key}  (in {run_dir / 'key_file.json'}; expires {_expiry(run_dir)}; renew with "
+              f"`unioncam token --runs {args.runs}`)\n"
+              f"workers: {settings.workers}, explanations with masked forwards at once: {settings.slots}, "
+              f"response timeout: {settings.timeout} s\n"
               f"metrics: {server.metrics_url}/metrics   logs: {server.log_dir}\n"
               "Ctrl-C stops the server.", flush=True)
         while server.proc is not None and server.proc.poll() is None:
             time.sleep(0.5)
-        print(f"torchserve exited with {server.proc.returncode}; see {server.log_dir}", file=sys.stderr)
+        print(f"torchserve exited with {server.proc.returncode}:\n{server.log_tail(15)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\nstopping TorchServe …", flush=True)
         return 0
     finally:
         server.stop()
+
+
+def _cmd_token(args: argparse.Namespace) -> int:
+    """Renew the inference (or management) key of a running server; print the new key and its expiry."""
+    import requests
+
+    run_dir = Path(args.runs) / args.run_name
+    keys_file = run_dir / "key_file.json"
+    if not keys_file.is_file():
+        raise FileNotFoundError(f"{keys_file} does not exist: is a server running with --runs {args.runs}?")
+    ports = _ports_of((run_dir / "config.properties").read_text())
+    api_key = json.loads(keys_file.read_text())["API"]["key"]
+    r = requests.post(f"http://127.0.0.1:{ports.management}/token", params={"type": args.type},
+                      headers={"Authorization": f"Bearer {api_key}"}, timeout=30)
+    if r.status_code != 200:
+        raise RuntimeError(f"the server refused to renew the key ({r.status_code}): {r.text.strip()[:300]}")
+    data = json.loads(keys_file.read_text())[args.type]
+    print(f"{args.type} key: {data['key']}  (expires {data.get('expiration time', '?')}; in {keys_file})")
+    return 0
 
 
 def _add_archive_options(p: argparse.ArgumentParser, weights_default: str | None) -> None:
@@ -311,9 +370,17 @@ def _add_archive_options(p: argparse.ArgumentParser, weights_default: str | None
     p.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
                    help="fp32 (strict float32), tf32 (CUDA), or bf16/fp16 for the masked forwards "
                    "(autocast; scores stay float32); default fp32")
-    p.add_argument("--max-batch-size", type=int, default=4, help="requests per handler call; default 4")
+    p.add_argument("--max-batch-size", type=int, default=1,
+                   help="requests per handler call; default 1 (a batch is answered all at once: a slow "
+                   "explanation would hold up its batch-mates)")
     p.add_argument("--max-batch-delay", type=int, default=50, help="ms TorchServe waits to fill a batch; default 50")
-    p.add_argument("--response-timeout", type=int, default=600, help="seconds per batch; default 600")
+    p.add_argument("--response-timeout", type=int, default=None,
+                   help="seconds per batch; default 3× the slowest method's CPU estimate at --image-size, ≥ 60 "
+                   "(224²: about 1,300 s)")
+    p.add_argument("--workers", type=int, default=2, help="worker processes (they share the CPU cores); default 2")
+    p.add_argument("--explain-slots", type=int, default=None,
+                   help="UnionCAM/Score-CAM/Group-CAM explanations at once; one more gets 503 + Retry-After; "
+                   "default workers − 1 (predictions always find a worker)")
 
 
 def add_parser(subparsers: Any) -> None:
@@ -330,9 +397,19 @@ def add_parser(subparsers: Any) -> None:
     _add_archive_options(sv, None)
     sv.add_argument("--config", default=None,
                     help="config.properties to use; default the shipped template (unioncam/serve/config.properties)")
+    sv.add_argument("--port", type=int, default=None,
+                    help="base port: inference BASE, management BASE+1, metrics BASE+2, gRPC BASE+3/BASE+4; "
+                    "default the template's 8080/8081/8082/7070/7071")
     sv.add_argument("--runs", default="runs", help="parent of run folders; default ./runs")
     sv.add_argument("--run-name", default=None, help="run folder name; default the start time")
     sv.add_argument("--rebuild", action="store_true",
                     help="rebuild the archive even if present with the same settings (e.g. a changed engine)")
     sv.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for the model")
     sv.set_defaults(func=_cmd_serve)
+    tk = subparsers.add_parser("token", help="renew the key of a running server (keys expire after 60 minutes)",
+                               description="Ask the running server for a new key (TorchServe's token API, "
+                               "authorised by the run's API key) and print it; key_file.json is updated.")
+    tk.add_argument("--runs", default="runs", help="parent of run folders; default ./runs")
+    tk.add_argument("--run-name", default="current", help="run folder; default current (the latest)")
+    tk.add_argument("--type", choices=("inference", "management"), default="inference")
+    tk.set_defaults(func=_cmd_token)
