@@ -15,7 +15,8 @@ CUDA round matmul/convolution inputs to TF32 (torch's default for convolutions);
 ours only. With several ``--batch-size`` values every entry of ours is repeated per value (``-bs<N>``).
 
 Timing is device-synchronised wall time per image after ``--warmup`` untimed calls, the entries
-taking turns call by call (so a busy shared machine slows all of them alike). In throughput mode
+taking turns call by call (so a busy shared machine slows all of them alike; ``--sequential``: each
+entry whole, one after the other, so that a run cut short keeps the entries it finished). In throughput mode
 (``--throughput B``) the image list is rounded up to a multiple of ``B`` so that every call, the last
 one included, has the shape the warm-up calls compiled and autotuned. A hook on ``model.features``
 counts the images through the network (whoever sends them) and notes every new input shape/dtype
@@ -419,6 +420,21 @@ def measure(entries: list[_Entry], model, args, device: torch.device,
     """
     watcher = _Watcher(model.features)
     weights = weight_bytes(model)
+    if getattr(args, "sequential", False):  # each entry whole, one after the other: a cut-off run keeps the done ones
+        try:
+            for e in entries:
+                print(f"{e.name}: {args.warmup} warm-up call(s), then {len(e.calls)} timed", flush=True)
+                for i in range(args.warmup):
+                    _guarded(e, "warm-up", lambda i=i: e.run(model, *e.calls[i % len(e.calls)]))
+                for k in range(len(e.calls)):
+                    _guarded(e, f"timed call {k}", lambda k=k: e.timed_call(k, model, device, watcher))
+                if device.type == "cuda":
+                    _guarded(e, "memory call", lambda: e.memory_call(model, device, weights))
+                if checkpoint:
+                    checkpoint([x.row() for x in entries if x.seconds or x.error], False)
+        finally:
+            watcher.close()
+        return [e.row() for e in entries]
     try:
         for e in entries:
             print(f"{e.name}: {args.warmup} warm-up call(s)", flush=True)
@@ -493,6 +509,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="masked inputs per forward, the same for every entry; a comma list repeats ours per "
                     "value (the libraries take the first) (default: the engine's for the device: "
                     f"{DEFAULT_BATCH_SIZE})")
+    ap.add_argument("--sequential", action="store_true",
+                    help="time each entry whole before the next (default: round-robin, call by call)")
     ap.add_argument("--throughput", type=int, default=1, help="images per explain_batch call (ours only)")
     ap.add_argument("--model", default="vgg16", choices=MODELS, help="vgg16, or the small trained shapes CNN")
     ap.add_argument("--weights", default="random", help="vgg16: 'random', 'imagenet' or a state-dict path")

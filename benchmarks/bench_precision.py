@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--images", type=int, default=None, help="images (per model for 'tiny')")
     ap.add_argument("--models", type=int, default=12, help="'tiny': how many seeded models")
     ap.add_argument("--size", type=int, default=None, help="square side (shapes 64, tiny 32, vgg16 224)")
-    ap.add_argument("--method", default="unioncam", choices=sorted(unioncam.METHODS))
+    ap.add_argument("--method", default="unioncam",
+                    help=f"one of {','.join(sorted(unioncam.METHODS))}, or a comma list (one JSON each, in one process)")
     ap.add_argument("--precision", default="bf16,fp16", help=f"comma list from {','.join(PRECISIONS)}")
     ap.add_argument("--weights", default="random", help="vgg16: 'random', 'imagenet' or a state-dict path")
     ap.add_argument("--seed", type=int, default=0)
@@ -183,20 +184,23 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument(
-        "--out", default=None, help="JSON path (default: benchmarks/results/precision-<model>-<device>.json)"
+        "--out", default=None, help="JSON path, '{method}' replaced by the method's name "
+        "(default: benchmarks/results/precision-<model>-<device>.json)"
     )
     args = ap.parse_args(argv)
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    bad = [m for m in methods if m not in unioncam.METHODS]
+    if bad or not methods:
+        ap.error(f"--method: {bad or 'none given'}; known: {', '.join(sorted(unioncam.METHODS))}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = measure(args)
-    _print(result)
-    write_json(
-        Path(
-            args.out
-            or ROOT / "benchmarks" / "results" / f"precision-{args.model}-{result['device_type']}.json"
-        ),
-        result,
-    )
+    result: dict = {}
+    for method in methods:
+        args.method = method
+        result = measure(args)
+        _print(result)
+        default = ROOT / "benchmarks" / "results" / f"precision-{args.model}-{result['device_type']}.json"
+        write_json(Path(args.out.replace("{method}", method) if args.out else default), result)
     return result
 
 
