@@ -209,7 +209,7 @@ def write_summary(out: Path) -> str:
     for method in ("unioncam", "scorecam"):
         p = _read(out / f"precision-{method}.json")
         if not p.get("summary"):
-            L.append(f"- {method}: not measured ({_status(steps, 'precision' if method == 'unioncam' else 'precision-scorecam')})")
+            L.append(f"- {method}: not measured ({_status(steps, 'precision')})")
             continue
         if not any_prec:
             L.append("| method | precision | images | Pearson median / min | Pearson ≥ 0.999 | max abs diff | "
@@ -227,7 +227,7 @@ def write_summary(out: Path) -> str:
     L += ["", "## Profile of one UnionCAM bf16 explanation", ""]
     pr = prof.get("profile")
     if pr:
-        L.append(f"wall {_ms(pr['wall_s'])} ms under the profiler (unprofiled: {_ms(prof.get('unprofiled_median_s'))} ms); "
+        L.append(f"wall {_ms(pr['wall_s'])} ms under the profiler (fastest unprofiled warm-up: {_ms(prof.get('unprofiled_median_s'))} ms); "
                  f"{pr['source']}, {pr['events']} events")
         shares = pr.get("share_of_wall") or pr.get("share_of_events") or {}
         what = "of wall time" if "share_of_wall" in pr else "of operator self time"
