@@ -250,9 +250,13 @@ def _versions() -> dict[str, str]:
 
 
 def _git_commit() -> str:
-    """HEAD (and whether tracked files differ), else ``$UNIONCAM_COMMIT`` (a copy without ``.git``)."""
+    """``$UNIONCAM_COMMIT`` when set (a copy of the tree whose ``.git``, if any, may be stale), else HEAD
+    and whether tracked files differ."""
     import subprocess
 
+    given = os.environ.get("UNIONCAM_COMMIT", "").strip()
+    if given:
+        return f"{given} (from UNIONCAM_COMMIT)"
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
         if head:
@@ -261,8 +265,7 @@ def _git_commit() -> str:
             return head + (" (with uncommitted changes)" if dirty else "")
     except OSError:
         pass
-    given = os.environ.get("UNIONCAM_COMMIT", "").strip()
-    return f"{given} (from UNIONCAM_COMMIT; no git here)" if given else "unknown"
+    return "unknown"
 
 
 def _device_name(device: torch.device) -> str:

@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_check.sh --pack       # 4 files only: summary.md, gpu_check.log, steps.json, results.tar.gz
 # Uses the machine's own python ($PY, default python3; nothing is installed into it): the repository goes
 # on PYTHONPATH, wheels in .whl/ (benchmarks/fetch_gpu_wheels.sh) go into a scratch folder. Where the tree
-# has no .git, pass the commit: UNIONCAM_COMMIT=<sha> bash benchmarks/gpu_check.sh
+# has no (or a stale) .git, pass the commit: UNIONCAM_COMMIT=<sha> bash benchmarks/gpu_check.sh
 set -u
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
