@@ -46,7 +46,9 @@ def denoise_torch(
     cam = (alpha * pos * acts.float().reshape(B, K, h * w)).sum(1).view(B, h, w)  # eq. 2
     positive = (g > 0).sum((1, 2))
     removed_pos = (removed & (g > 0)).sum((1, 2)) / positive.clamp_min(1)
-    return cam, removed.float().mean((1, 2)), removed_pos.float()
+    # Integer counts, then one division, as the kernel does: a float mean may multiply by 1/n instead
+    # (CUDA's does) and differ in the last bit.
+    return cam, removed.sum((1, 2)) / (K * h * w), removed_pos.float()
 
 
 def _quantile_ranks(theta: float, n: int) -> tuple[int, int, float]:

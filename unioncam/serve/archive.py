@@ -63,8 +63,8 @@ class ArchiveSettings:
     #: explanation would hold up (and share a timeout with) whatever shares its batch.
     max_batch_size: int = 1
     max_batch_delay_ms: int = 50
-    #: Seconds TorchServe waits for a batch; None: 3× the slowest method's CPU estimate at ``image_size``
-    #: per request (:func:`unioncam.serve.limits.response_timeout`), at least 60.
+    #: Seconds TorchServe waits for a batch; None: 5× the slowest method's CPU estimate at ``image_size``
+    #: per request (:func:`unioncam.serve.limits.response_timeout`), at least 120.
     response_timeout_s: int | None = None
     #: Worker processes; on a CPU each gets an equal share of the cores.
     workers: int = 2

@@ -39,10 +39,11 @@ def explanation_seconds(method: str, image_size: int, device: str = "cpu") -> fl
     return FORWARDS.get(method, 3) * per_forward
 
 
-def response_timeout(image_size: int, batch_size: int = 1, device: str = "cpu", floor_s: int = 60) -> int:
-    """TorchServe's ``responseTimeout`` for a batch: 3× the slowest method's estimate per request, ≥ ``floor_s``."""
+def response_timeout(image_size: int, batch_size: int = 1, device: str = "cpu", floor_s: int = 120) -> int:
+    """TorchServe's ``responseTimeout`` for a batch: 5× the slowest method's estimate per request (a worker
+    has a share of the cores, and shares them with the others), at least ``floor_s``."""
     slowest = max(explanation_seconds(m, image_size, device) for m in FORWARDS)
-    return max(floor_s, math.ceil(3 * slowest * batch_size))
+    return max(floor_s, math.ceil(5 * slowest * batch_size))
 
 
 class Slots:

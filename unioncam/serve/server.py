@@ -375,8 +375,8 @@ def _add_archive_options(p: argparse.ArgumentParser, weights_default: str | None
                    "explanation would hold up its batch-mates)")
     p.add_argument("--max-batch-delay", type=int, default=50, help="ms TorchServe waits to fill a batch; default 50")
     p.add_argument("--response-timeout", type=int, default=None,
-                   help="seconds per batch; default 3× the slowest method's CPU estimate at --image-size, ≥ 60 "
-                   "(224²: about 1,300 s)")
+                   help="seconds per batch; default 5× the slowest method's CPU estimate at --image-size, ≥ 120 "
+                   "(224²: 736 s, 64²: 120 s)")
     p.add_argument("--workers", type=int, default=2, help="worker processes (they share the CPU cores); default 2")
     p.add_argument("--explain-slots", type=int, default=None,
                    help="UnionCAM/Score-CAM/Group-CAM explanations at once; one more gets 503 + Retry-After; "
