@@ -62,7 +62,7 @@ sys.path.insert(0, str(ROOT))
 
 import unioncam  # noqa: E402
 from unioncam.core import backend_flags  # noqa: E402
-from unioncam.core.scorer import DEFAULT_BATCH_SIZE  # noqa: E402
+from unioncam.core.scorer import DEFAULT_BATCH_SIZE, default_batch_size  # noqa: E402
 from unioncam.reference import unioncam_reference  # noqa: E402
 from unioncam.validation import PRECISIONS  # noqa: E402
 
@@ -511,7 +511,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", default=None,
                     help="masked inputs per forward, the same for every entry; a comma list repeats ours per "
                     "value (the libraries take the first) (default: the engine's for the device: "
-                    f"{DEFAULT_BATCH_SIZE})")
+                    f"{DEFAULT_BATCH_SIZE} at 224², on a CPU more for smaller images)")
     ap.add_argument("--sequential", action="store_true",
                     help="time each entry whole before the next (default: round-robin, call by call)")
     ap.add_argument("--throughput", type=int, default=1, help="images per explain_batch call (ours only)")
@@ -536,8 +536,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if not args.batch_size:
-        args.batch_size = [DEFAULT_BATCH_SIZE.get(device.type, 64)]
+    if not args.batch_size:  # the engine's own choice for this device and size, given to every entry
+        args.batch_size = [default_batch_size(device, (args.size, args.size))]
     # Throughput mode: whole calls only, so the last timed call has the warmed-up shape.
     n_images = args.images
     if args.throughput > 1 and n_images % args.throughput:
