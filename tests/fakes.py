@@ -1,7 +1,10 @@
-"""A stand-in for TorchServe's context, to run the handler in-process."""
+"""Serving-test helpers: a stand-in for TorchServe's context (the handler in-process), and reading
+``unioncam serve``'s start-up lines."""
 
 from __future__ import annotations
 
+import subprocess
+import time
 from pathlib import Path
 
 SIZE = 32
@@ -34,3 +37,18 @@ class FakeContext:
 
     def set_response_header(self, idx, key, value):
         self.response_headers.setdefault(idx, {})[key] = value
+
+
+def ready_lines(proc: subprocess.Popen, seconds: float = 240) -> list[str]:
+    """``unioncam serve``'s output up to its last start-up line; fails with the output if it never gets ready."""
+    lines: list[str] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith("Ctrl-C stops"):
+            break
+    assert any(x.startswith("ready:") for x in lines), "".join(lines)
+    return lines

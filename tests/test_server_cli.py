@@ -7,10 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from .fakes import ready_lines
 
 from unioncam.serve.server import Ports, _ports_of, config_text
 
@@ -65,15 +66,7 @@ def test_serve_builds_runs_and_stops_on_ctrl_c(tmp_path):
     run = tmp_path / "runs" / "t"
     lines: list[str] = []
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if line.startswith("Ctrl-C stops"):
-                break
-        assert any(x.startswith("ready:") for x in lines), "".join(lines)
+        lines = ready_lines(proc)
         assert (tmp_path / "store" / "unioncam.mar").is_file()
         for sub in ("key_file.json", "config.properties", "torchserve.pid", "logs/model_log.log", "tmp"):
             assert (run / sub).exists(), sub

@@ -12,10 +12,11 @@ import signal
 import subprocess
 import sys
 import sysconfig
-import time
 from pathlib import Path
 
 import pytest
+
+from .fakes import ready_lines
 
 from unioncam.serve.server import Ports, config_text
 
@@ -76,15 +77,7 @@ def test_serve_from_the_wheel(user):
         text=True)
     lines: list[str] = []
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if line.startswith("Ctrl-C stops"):
-                break
-        assert any(x.startswith("ready:") for x in lines), "".join(lines)
+        lines = ready_lines(proc)
         run = work / "runs" / "t"
         key = json.loads((run / "key_file.json").read_text())["inference"]["key"]
         url = f"http://127.0.0.1:{_inference_port(config)}"
