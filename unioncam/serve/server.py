@@ -250,6 +250,13 @@ def _resolve_weights(weights: str | None) -> str:
 
 
 def _cmd_archive(args: argparse.Namespace) -> int:
+    if args.kserve:
+        from .kserve import write_kserve_layout
+
+        layout = write_kserve_layout(_settings(args), args.kserve, args.name)
+        print(f"{layout.config}\n{layout.mar}  ({layout.mar.stat().st_size / 1e6:.1f} MB, weights {args.weights}); "
+              f"upload {layout.root}/ as the InferenceService's storageUri (deploy/kserve/)")
+        return 0
     mar = build_archive(_settings(args), args.model_store, args.name, force=True)
     print(f"{mar}  ({mar.stat().st_size / 1e6:.1f} MB, weights {args.weights})")
     return 0
@@ -389,6 +396,9 @@ def add_parser(subparsers: Any) -> None:
                                description="Build NAME.mar with the handler, the unioncam package, "
                                "index_to_name.json, model-config.yaml and the weights.")
     _add_archive_options(ar, "imagenet")
+    ar.add_argument("--kserve", metavar="DIR", default=None,
+                    help="write KServe's TorchServe layout instead: DIR/config/config.properties (token auth off, "
+                    "API on 127.0.0.1:8085 for KServe's wrapper, metrics on :8082) and DIR/model-store/NAME.mar")
     ar.set_defaults(func=_cmd_archive)
     sv = subparsers.add_parser("serve", help="build the archive if needed and run TorchServe in the foreground",
                                description="Build model_store/NAME.mar if missing or built with other "
