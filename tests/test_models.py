@@ -220,15 +220,22 @@ def test_resnet18_every_method():
         _valid(unioncam.explain(m, img, method=method, layer="layer3"), (32, 32))
 
 
+#: The masked methods at the default layer, 64²: UnionCAM (its region map is Score-CAM's) and Group-CAM.
+#: ResNet-50 (2048 masked forwards) and VGG11/13/19 (512 forwards of 7–20 GFLOPs at 224²) are left to
+#: their family's cheaper members here: resnet18 below and VGG16 in test_equivalence.py, same classes.
+MASKED_FAMILIES = ["resnet18", "densenet121", "efficientnet_b0", "mobilenet_v3_large", "convnext_tiny",
+                   "regnet_y_800mf", "swin_t"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [n for n in LISTED if n not in ("vit_b_16",)])
+@pytest.mark.parametrize("name", MASKED_FAMILIES)
 def test_masked_methods_on_every_listed_family(name):
-    """Score-CAM, UnionCAM and Group-CAM at the default layer (hundreds to 2048 masked forwards each)."""
     m = load_model(name, "random")
     img = _image((64, 64))
-    for method in ("scorecam", "unioncam", "groupcam"):
+    for method in ("unioncam", "groupcam"):
         res = unioncam.explain(m, img, method=method)
         _valid(res, (64, 64))
+        assert res.details["masked_forwards"] > (3 if method == "unioncam" else 1)
 
 
 # --------------------------------------------------------------------- token layers and reshape=
@@ -280,14 +287,5 @@ def test_fast_path_matches_reference_on_resnet18():
     m = load_model("resnet18", "random")
     img = _image((32, 32), 1)
     fast, ref = unioncam.explain(m, img, layer="layer2"), unioncam_reference(m, img, layer="layer2")
-    assert fast.details["selected"] == ref.details["selected"]
-    assert (fast.saliency - ref.saliency).abs().max() <= 1e-4
-
-
-@pytest.mark.slow
-def test_fast_path_matches_reference_on_resnet18_layer4():
-    m = load_model("resnet18", "random")
-    img = _image((64, 64), 1)
-    fast, ref = unioncam.explain(m, img), unioncam_reference(m, img)
     assert fast.details["selected"] == ref.details["selected"]
     assert (fast.saliency - ref.saliency).abs().max() <= 1e-4

@@ -153,8 +153,9 @@ def validate_input_size(model: nn.Module, size: tuple[int, int], name: str = "im
     """Images of a model with a fixed ``input_size`` (torchvision's ViTs) must have that size."""
     fixed = getattr(model, "input_size", None)
     if fixed is not None and tuple(size) != tuple(fixed):
-        raise InvalidInputError(name, f"is {size[0]}×{size[1]}",
-                                f"{fixed[0]}×{fixed[1]} for this model (resize it, e.g. load_image(path, size={fixed[0]}))")
+        side = fixed[0]
+        raise InvalidInputError(name, f"is {size[0]}×{size[1]}", f"{fixed[0]}×{fixed[1]} for this model "
+                                f"(resize it: --size {side}, or load_image(path, size={side}))")
 
 
 def default_layer(model: nn.Module) -> str:
