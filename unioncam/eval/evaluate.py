@@ -10,6 +10,11 @@ Layout read (all optional but the images)::
 Results go to ``OUT/results.jsonl``, one line per (image, method), appended as soon as an image is
 scored: a rerun with the same settings skips what is there, so an interrupted run loses at most the
 chunk in flight. The table (``OUT/results.{md,csv,json}``) is rebuilt from that file at the end.
+
+Many processes: ``torchrun --nproc-per-node N -m unioncam evaluate ...`` (multi-node flags alike). Rank R
+scores every N-th image of the sampled list on ``cuda:LOCAL_RANK`` (CPU without CUDA) and appends its rows
+to ``OUT/results.rank<R>.jsonl``; after a barrier rank 0 merges them into ``OUT/results.jsonl`` and writes
+the same tables a single process would.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import csv
 import dataclasses
 import json
 import math
+import os
 import random
 import time
 import xml.etree.ElementTree as ET
@@ -141,6 +147,80 @@ def _region(
     return None
 
 
+# ------------------------------------------------------------------------------------ distributed
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a ``torchrun`` launch (rank 0 of 1 when not launched by it)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    @classmethod
+    def from_env(cls) -> "Dist":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        return cls(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+    def device(self, requested: str | None) -> str | None:
+        """``--device`` when given; else under torchrun ``cuda:LOCAL_RANK`` with CUDA, otherwise the CPU."""
+        if requested is not None or not self.active:
+            return requested
+        return f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu"
+
+    def init(self, device: str | None) -> bool:
+        """Join the process group (NCCL on CUDA, gloo otherwise); True when this call created it."""
+        import torch.distributed as dist
+
+        if not self.active or dist.is_initialized():
+            return False
+        cuda = device is not None and str(device).startswith("cuda")
+        if cuda:
+            torch.cuda.set_device(torch.device(device))
+        dist.init_process_group("nccl" if cuda else "gloo")
+        return True
+
+    def barrier(self, device: str | None) -> None:
+        import torch.distributed as dist
+
+        if not self.active:
+            return
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[torch.device(device).index or 0])
+        else:
+            dist.barrier()
+
+
+def _row_files(out: Path) -> list[Path]:
+    """``results.jsonl`` and every rank's ``results.rank<R>.jsonl`` in ``out``."""
+    ranks = sorted(out.glob("results.rank*.jsonl"), key=lambda p: p.name)
+    return [p for p in [out / "results.jsonl", *ranks] if p.is_file()]
+
+
+def _merge_rows(out: Path, items: list[Item], methods: list[str]) -> None:
+    """Fold the rank files into ``results.jsonl`` (one row per (image, method), in sample then method order)."""
+    seen: dict[tuple[str, str], dict[str, Any]] = {}
+    for p in _row_files(out):
+        for r in _read_jsonl(p):
+            seen.setdefault((r["image"], r["method"]), r)
+    order = {it.key: i for i, it in enumerate(items)}
+    morder = {m: i for i, m in enumerate(methods)}
+    rows = sorted(seen.values(), key=lambda r: (order.get(r["image"], len(order)), r["image"],
+                                               morder.get(r["method"], len(morder)), r["method"]))
+    tmp = out / "results.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(out / "results.jsonl")
+    for p in out.glob("results.rank*.jsonl"):
+        p.unlink()
+
+
 # --------------------------------------------------------------------------------------------- run
 
 
@@ -209,6 +289,10 @@ def evaluate(folder: str | Path, out: str | Path, settings: EvalSettings = EvalS
     ``out/results.json`` (and as markdown and CSV). ``model``: a loaded model to use instead of loading
     ``settings.model``. Maps stay on the model's device between explaining and scoring; Average Drop and
     Increase reuse each explanation's own score ``f_c(x)``.
+
+    Launched by ``torchrun`` (``WORLD_SIZE`` > 1), each rank scores its share of the sample (every
+    ``WORLD_SIZE``-th image from its ``RANK``) into ``out/results.rank<RANK>.jsonl``; rank 0 merges them
+    after a barrier and writes the tables; every rank returns the same summary.
     """
     from tqdm.auto import tqdm
 
@@ -255,8 +339,11 @@ def evaluate(folder: str | Path, out: str | Path, settings: EvalSettings = EvalS
         "annotations": str(ann) if ann else None,
         "masks": str(msk) if msk else None,
     }
-    cfg_path, rows_path = out / "config.json", out / "results.jsonl"
-    if cfg_path.is_file() and rows_path.is_file():
+    world = Dist.from_env()
+    device = world.device(cfg.device)
+    cfg_path = out / "config.json"
+    rows_path = out / (f"results.rank{world.rank}.jsonl" if world.active else "results.jsonl")
+    if cfg_path.is_file() and _row_files(out):
         old = json.loads(cfg_path.read_text())
         if _run_key(old) != _run_key(config):
             diff = {k: (old.get(k), config[k]) for k in _run_key(config) if old.get(k) != config[k]}
@@ -265,21 +352,27 @@ def evaluate(folder: str | Path, out: str | Path, settings: EvalSettings = EvalS
                 f"{str(out)!r} holds results of other settings {diff}",
                 "the same settings to resume, or a new --out folder",
             )
-    cfg_path.write_text(json.dumps(config, indent=2) + "\n")
+    if world.rank == 0:  # written whole, then renamed: another rank may be reading it
+        tmp_cfg = out / "config.json.tmp"
+        tmp_cfg.write_text(json.dumps(config, indent=2) + "\n")
+        tmp_cfg.replace(cfg_path)
+    created = world.init(device)
 
     if model is None:
-        model = load_model(cfg.model, cfg.weights, cfg.weights_seed, cfg.device)
+        model = load_model(cfg.model, cfg.weights, cfg.weights_seed, device)
     batch_size = cfg.batch_size
-    done = {(r["image"], r["method"]) for r in _read_jsonl(rows_path)}
-    todo = [(it, m) for it in items for m in methods if (it.key, m) not in done]
+    # Rows of every file count as done (a resume with another number of processes reshuffles the shares).
+    done = {(r["image"], r["method"]) for p in _row_files(out) for r in _read_jsonl(p)}
+    mine = items[world.rank :: world.world]
+    todo = [(it, m) for it in mine for m in methods if (it.key, m) not in done]
     bar = tqdm(
-        total=len(items) * len(methods),
-        initial=len(items) * len(methods) - len(todo),
+        total=len(mine) * len(methods),
+        initial=len(mine) * len(methods) - len(todo),
         unit="map",
-        desc="evaluate",
-        disable=not progress,
+        desc="evaluate" if not world.active else f"evaluate (rank 0 of {world.world})",
+        disable=not progress or world.rank != 0,
     )
-    pending_items = [it for it in items if any((it.key, m) not in done for m in methods)]
+    pending_items = [it for it in mine if any((it.key, m) not in done for m in methods)]
     with rows_path.open("a") as sink:
         for c in range(0, len(pending_items), chunk):
             group = pending_items[c : c + chunk]
@@ -336,8 +429,19 @@ def evaluate(folder: str | Path, out: str | Path, settings: EvalSettings = EvalS
                 sink.flush()
                 bar.update(len(idx))
     bar.close()
+    if world.active:
+        world.barrier(device)  # every rank's rows are on disk
+        if world.rank != 0:
+            world.barrier(device)  # rank 0 has merged and written the tables
+            if created:
+                import torch.distributed as dist
+
+                dist.destroy_process_group()
+            return json.loads((out / "results.json").read_text())
+    if world.active or any(out.glob("results.rank*.jsonl")):  # also a one-process resume of a torchrun run
+        _merge_rows(out, items, methods)
     keys = {it.key for it in items}
-    rows = [r for r in _read_jsonl(rows_path) if r["image"] in keys and r["method"] in methods]
+    rows = [r for r in _read_jsonl(out / "results.jsonl") if r["image"] in keys and r["method"] in methods]
     summary = summarize(rows, methods)
     summary["settings"] = {
         **config,
@@ -351,6 +455,12 @@ def evaluate(folder: str | Path, out: str | Path, settings: EvalSettings = EvalS
         "device": str(next(iter(model.parameters())).device),
     }
     write_tables(summary, out)
+    if world.active:
+        world.barrier(device)
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     return summary
 
 
@@ -367,7 +477,8 @@ def summarize(rows: list[dict[str, Any]], methods: Iterable[str]) -> dict[str, A
     """Mean and standard error (sample s.d. / √n) of every metric per method, from per-image rows."""
     table = []
     for method in methods:
-        mine = [r for r in rows if r["method"] == method]
+        # Sorted by image: sums do not depend on the order rows were written in (one process or many).
+        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: str(r["image"]))
         entry: dict[str, Any] = {"method": method, "n": len(mine)}
         for key in METRICS:
             vals = [r[key] for r in mine if key in r]
@@ -424,7 +535,8 @@ def _cmd(args: argparse.Namespace) -> int:
     options = {k: v for k, v in vars(args).items() if k in names}
     options["method"] = tuple(options["method"])
     summary = evaluate(args.folder, args.out, EvalSettings(**options), progress=not args.quiet)
-    print((Path(args.out) / "results.md").read_text(), end="")
+    if Dist.from_env().rank == 0:
+        print((Path(args.out) / "results.md").read_text(), end="")
     return 0 if summary["table"] else 1
 
 
@@ -482,7 +594,8 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("--batch-size", type=int, default=64, help="inputs per forward pass; default 64")
     p.add_argument("--chunk", type=int, default=8, help="images explained together; default 8")
-    p.add_argument("--device", default=None, help="torch device; default cpu")
+    p.add_argument("--device", default=None,
+                   help="torch device; default cpu (under torchrun: cuda:LOCAL_RANK with CUDA, else cpu)")
     p.add_argument("--out", default="eval-out", help="output folder; default ./eval-out")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd)
