@@ -97,3 +97,29 @@ def test_two_process_torchrun_equals_one_process(tmp_path):
                         env=env, capture_output=True, text=True, timeout=300)
     assert r3.returncode == 0, r3.stderr[-3000:]
     assert (two / "results.csv").read_text() == before
+
+
+def test_one_process_resumes_rank_files(tmp_path):
+    # Rows left in results.rank<R>.jsonl by an interrupted torchrun count as done; one process scores the
+    # rest and merges everything into results.jsonl.
+    from unioncam.eval import evaluate as ev
+
+    folder = tmp_path / "shapes"
+    write_folder(folder, seed=3, n=4, size=32)
+    settings = ev.EvalSettings(method=("gradcam",), model="shapes", size=32, insertion_deletion=False)
+    full = ev.evaluate(folder / "images", tmp_path / "a", settings, progress=False)
+    lines = (tmp_path / "a" / "results.jsonl").read_text().splitlines()
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / "config.json").write_text((tmp_path / "a" / "config.json").read_text())
+    (out / "results.rank0.jsonl").write_text(lines[0] + "\n" + lines[2] + "\n")
+    (out / "results.rank1.jsonl").write_text(lines[1] + "\n")
+    resumed = ev.evaluate(folder / "images", out, settings, progress=False)
+    assert not list(out.glob("results.rank*.jsonl"))
+    rows = (out / "results.jsonl").read_text().splitlines()
+    assert len(rows) == 4 and set(lines[:3]) <= set(rows)  # kept as written, only the 4th scored
+    # One image re-scored alone rather than in a batch of 4: equal up to batch-size-dependent rounding.
+    for a, b in zip(_json_without_seconds(json.dumps(resumed))["table"], _json_without_seconds(json.dumps(full))["table"]):
+        assert a.keys() == b.keys() and a["n"] == b["n"] == 4
+        for k, v in a.items():
+            assert v == (b[k] if isinstance(v, str) else pytest.approx(b[k], rel=1e-5, abs=1e-6, nan_ok=True)), k

@@ -153,3 +153,14 @@ def test_kserve_layout_serves_v1_and_v2(tmp_path):
         _stop(proc)
         log.close()
     assert not _group_alive(proc.pid)
+
+
+def test_kserve_layout_refuses_a_second_archive(tmp_path):
+    from unioncam.serve.archive import ArchiveSettings
+    from unioncam.serve.kserve import write_kserve_layout
+
+    (tmp_path / "model-store").mkdir()
+    (tmp_path / "model-store" / "other.mar").write_bytes(b"")
+    with pytest.raises(FileExistsError, match="other.mar"):
+        write_kserve_layout(ArchiveSettings(weights="random", image_size=32), tmp_path)
+    assert not (tmp_path / "config").exists()  # refused before anything was written
