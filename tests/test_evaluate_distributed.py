@@ -5,6 +5,10 @@ explanation batch and one thread per process, so every per-image number is compu
 ``results.md``, ``results.csv`` and ``results.json`` exactly, except the timing column ``seconds`` ("s / image"
 and its standard error), which is wall-clock time and differs from run to run; the per-image rows
 (``results.jsonl``) as a set, again without ``seconds``.
+
+Network: ``--master-addr 127.0.0.1`` on a free port and ``GLOO_SOCKET_IFNAME=lo`` keep the ranks' traffic on
+loopback; torchrun's rendezvous store itself listens on every interface of the machine (torch offers no
+option to bind it to one address) for the few seconds of each launch.
 """
 
 from __future__ import annotations
