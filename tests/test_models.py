@@ -220,22 +220,56 @@ def test_resnet18_every_method():
         _valid(unioncam.explain(m, img, method=method, layer="layer3"), (32, 32))
 
 
-#: The masked methods at the default layer, 64²: UnionCAM (its region map is Score-CAM's) and Group-CAM.
-#: ResNet-50 (2048 masked forwards) and VGG11/13/19 (512 forwards of 7–20 GFLOPs at 224²) are left to
-#: their family's cheaper members here: resnet18 below and VGG16 in test_equivalence.py, same classes.
-MASKED_FAMILIES = ["resnet18", "densenet121", "efficientnet_b0", "mobilenet_v3_large", "convnext_tiny",
-                   "regnet_y_800mf", "swin_t"]
+def _small_families():
+    """Narrow members of each family, built from the same torchvision classes (same default-layer rule,
+    same wrapper) so that every method, the masked ones included, runs on each in a second or two. The
+    real models' layers are 512–2048 channels wide: hundreds of masked forwards each (see the README's
+    cost table), too slow for this suite on 2 cores; their gradient methods run above. (VGG: VGG16 in
+    test_equivalence.py; ResNet: resnet18 below; ViT and Swin: the small ones below.)"""
+    from torchvision.models.convnext import CNBlockConfig
+    from torchvision.models.efficientnet import MBConvConfig
+    from torchvision.models.mobilenetv3 import InvertedResidualConfig
+    from torchvision.models.regnet import BlockParams
+
+    tvm = torchvision.models
+    return {
+        "densenet": lambda: tvm.DenseNet(growth_rate=8, block_config=(1, 1, 1, 1), num_init_features=8,
+                                         num_classes=10),
+        "convnext": lambda: tvm.ConvNeXt([CNBlockConfig(8, 16, 1), CNBlockConfig(16, 32, 1), CNBlockConfig(32, 64, 1),
+                                          CNBlockConfig(64, None, 1)], num_classes=10),
+        "regnet": lambda: tvm.RegNet(BlockParams.from_init_params(depth=4, w_0=8, w_a=8.0, w_m=2.0, group_width=8),
+                                     num_classes=10),
+        "mobilenet_v3": lambda: tvm.MobileNetV3(
+            [InvertedResidualConfig(8, 3, 16, 8, True, "RE", 2, 1, 1.0),
+             InvertedResidualConfig(8, 3, 24, 16, False, "HS", 2, 1, 1.0),
+             InvertedResidualConfig(16, 3, 32, 24, True, "HS", 2, 1, 1.0)], last_channel=64, num_classes=10),
+        "efficientnet": lambda: tvm.EfficientNet(
+            [MBConvConfig(1, 3, 2, 8, 8, 1, 1.0, 1.0), MBConvConfig(4, 3, 2, 8, 16, 1, 1.0, 1.0),
+             MBConvConfig(4, 3, 2, 16, 24, 1, 1.0, 1.0)], dropout=0.0, last_channel=48, num_classes=10),
+    }
+
+
+@pytest.mark.parametrize("family", ["densenet", "convnext", "regnet", "mobilenet_v3", "efficientnet"])
+def test_every_method_on_a_narrow_member_of_each_family(family):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        m = pixel_model(_small_families()[family]())
+    assert m.default_layer == default_layer_of(m)
+    img = _image((64, 64))
+    for method in unioncam.METHODS:
+        res = unioncam.explain(m, img, method=method)
+        _valid(res, (64, 64))
+        if res.details.get("masked_forwards", 0):
+            assert res.details["masked_forwards"] > 3, (family, method)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", MASKED_FAMILIES)
-def test_masked_methods_on_every_listed_family(name):
-    m = load_model(name, "random")
-    img = _image((64, 64))
-    for method in ("unioncam", "groupcam"):
-        res = unioncam.explain(m, img, method=method)
-        _valid(res, (64, 64))
-        assert res.details["masked_forwards"] > (3 if method == "unioncam" else 1)
+def test_masked_methods_at_resnet18s_layer4():
+    """The real width: 512 masked forwards at 64² (layer4 is 2×2 there)."""
+    m = load_model("resnet18", "random")
+    res = unioncam.explain(m, _image((64, 64)), method="unioncam")
+    _valid(res, (64, 64))
+    assert res.details["active_channels"] > 400
 
 
 # --------------------------------------------------------------------- token layers and reshape=
