@@ -98,3 +98,24 @@ def test_bad_targets_and_top_k():
             unioncam.explain(model, img, top_k=bad)
     with pytest.raises(InvalidInputError, match=r"top_k.*\[1, 10\]"):
         unioncam.explain(model, img, top_k=11, method="gradcam")
+
+
+def test_cli_torchvision_model_and_top_k(tmp_path, capsys):
+    from PIL import Image
+
+    from unioncam.cli import main
+
+    img = tmp_path / "cat.png"
+    Image.fromarray((torch.rand(40, 40, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy()).save(img)
+    out = tmp_path / "out"
+    assert main(["explain", str(img), "--model", "resnet18", "--weights", "random", "--size", "64",
+                 "--method", "gradcam", "--top-k", "2", "--out", str(out), "-q"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["cat.gradcam.top1.json", "cat.gradcam.top1.png",
+                                                      "cat.gradcam.top2.json", "cat.gradcam.top2.png"]
+    assert main(["explain", str(img), "--model", "resnet18", "--weights", "random", "--top-k", "2",
+                 "--target", "3", "--out", str(out), "-q"]) == 2
+    assert "exclude each other" in capsys.readouterr().err
+    fig = tmp_path / "fig.png"
+    assert main(["figure", str(img), "--model", "swin_t", "--weights", "random", "--size", "64",
+                 "--method", "gradcam,layercam", "--out", str(fig)]) == 0
+    assert fig.stat().st_size > 0

@@ -21,6 +21,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     from .models import load_model
     from .viz import overlay
 
+    if args.top_k is not None and args.target is not None:
+        raise ValueError("--top-k and --target exclude each other")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     images, names = [], []
@@ -29,8 +31,6 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         names.append(Path(path).stem)
     model = load_model(args.model, args.weights, seed=args.seed, device=args.device)
     cats = getattr(model, "categories", None)
-    if args.top_k is not None and args.target is not None:
-        raise ValueError("--top-k and --target exclude each other")
     for method in args.method:
         results = explain_batch(model, images, targets=[args.target] * len(images), method=method, theta=args.theta,
                                 layer=args.layer, batch_size=args.batch_size, progress=not args.quiet,
