@@ -195,7 +195,7 @@ def test_transparent_pixels_become_white_not_black():
 
 
 def test_cli_explain_writes_overlay_and_details(tmp_path, capsys):
-    rc = main(["explain", "samples/chelsea.png", "--weights", "random", "--size", "32", "--method", "gradcam,layercam",
+    rc = main(["explain", "samples/chelsea.png", "--weights", "random", "--image-size", "32", "--method", "gradcam,layercam",
                "--out", str(tmp_path), "-q"])
     assert rc == 0
     for m in ("gradcam", "layercam"):

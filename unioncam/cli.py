@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--layer", default=None,
                     help="module name to explain; default the model's default_layer (vgg16: features.29, "
                     "the conv5_3 ReLU; see the README's Models table)")
-    ex.add_argument("--size", type=int, default=224, help="resize images to SIZE×SIZE first; default 224")
+    ex.add_argument("--image-size", "--size", dest="size", type=int, default=224,
+                    help="resize images to SIZE×SIZE first (the same option as serve's); default 224")
     ex.add_argument("--batch-size", type=int, default=None,
                     help="masked inputs per forward pass; default 64 on CUDA, on a CPU 8 at 224² and up to 64 for smaller images")
     ex.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",

@@ -568,7 +568,8 @@ def add_parser(subparsers: Any) -> None:
         help="imagenet (default: torchvision's weights, from the torch hub cache or downloaded), a torchvision weights name (e.g. IMAGENET1K_V2), random (seeded) or a path to a state dict of that architecture; shapes: a path (default: the committed weights)",
     )
     p.add_argument("--weights-seed", type=int, default=0, help="seed of --weights random; default 0")
-    p.add_argument("--size", type=int, default=224, help="resize images to SIZE×SIZE; default 224")
+    p.add_argument("--image-size", "--size", dest="size", type=int, default=224,
+                   help="resize images to SIZE×SIZE; default 224")
     p.add_argument("--limit", type=int, default=None, help="score a random sample of LIMIT images")
     p.add_argument("--seed", type=int, default=0, help="seed of the --limit sample; default 0")
     p.add_argument("--theta", type=theta_arg, default=10.0, help="UnionCAM θ; default 10")

@@ -128,7 +128,7 @@ def add_parser(subparsers: Any) -> None:
                    "or package.module:factory")
     p.add_argument("--weights", default=None, help="as for `unioncam evaluate`")
     p.add_argument("--weights-seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=224, help="image side; default 224")
+    p.add_argument("--image-size", "--size", dest="size", type=int, default=224, help="image side; default 224")
     p.add_argument("--theta", type=theta_arg, default=10.0)
     p.add_argument("--layer", default=None)
     p.add_argument("--batch-size", type=int, default=64)
