@@ -109,3 +109,20 @@ def test_serve_builds_runs_and_stops_on_ctrl_c(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_port_sets_every_address_and_a_busy_one_is_named_first(tmp_path, capsys):
+    import socket
+
+    from unioncam.cli import main
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        base = held.getsockname()[1] - 2  # the metrics port (BASE+2) is the busy one
+        rc = main(["serve", "--port", str(base), "--weights", "random", "--image-size", "32",
+                   "--model-store", str(tmp_path / "store"), "--runs", str(tmp_path / "runs")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert f"metrics {base + 2}" in err and "--port" in err
+    assert not (tmp_path / "store").exists() and not (tmp_path / "runs").exists()  # nothing built or started
