@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from unioncam.serve.server import free_port
+from unioncam.serve.server import _group_alive, free_port
 
 requests = pytest.importorskip("requests")
 pytestmark = pytest.mark.server
@@ -33,16 +33,6 @@ NAME = "unioncam"
 
 def _props(text: str) -> dict[str, str]:
     return dict(line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("#"))
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _stop(proc: subprocess.Popen, timeout: float = 30.0) -> None:

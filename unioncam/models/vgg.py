@@ -9,6 +9,8 @@ import torch
 from torchvision.models import VGG16_Weights, vgg16
 from torchvision.models.vgg import VGG
 
+from .checkpoint import read_state_dict
+
 __all__ = ["PixelVGG16", "load_vgg16", "IMAGENET_MEAN", "IMAGENET_STD", "imagenet_categories"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -100,19 +102,7 @@ def load_vgg16(
             raise RuntimeError(_offline_help(cached)) from exc
         model.load_state_dict(state)
     else:
-        path = Path(weights)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"weights: {str(weights)!r} is neither 'imagenet', 'random' nor an existing file"
-            )
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # unpickling, zip and weights-only errors all mean "not a checkpoint"
-            raise ValueError(f"weights: {path} is not a readable torch checkpoint ({exc})") from exc
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]
-        if not isinstance(state, dict):
-            raise ValueError(f"weights: {path} does not hold a state dict (got {type(state).__name__})")
+        state, path = read_state_dict(weights, "'imagenet', 'random'")
         num_classes = state["classifier.6.weight"].shape[0] if "classifier.6.weight" in state else 1000
         model = PixelVGG16(num_classes=num_classes)
         try:

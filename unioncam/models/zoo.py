@@ -27,6 +27,7 @@ from torch import nn
 from torchvision.models import get_model, get_model_weights
 
 from ..errors import InvalidInputError
+from .checkpoint import read_state_dict
 
 __all__ = [
     "TORCHVISION_MODELS",
@@ -293,20 +294,8 @@ def load_torchvision(name: str, weights: str | os.PathLike = "imagenet", seed: i
                               **_builder_kwargs(name, True))
         model.load_state_dict(state)
     else:
-        path = Path(weights)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"weights: {str(weights)!r} is neither 'imagenet', 'random', a weights name of {name} "
-                f"({', '.join(enum.__members__)}) nor an existing file"
-            )
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # unpickling, zip and weights-only errors all mean "not a checkpoint"
-            raise ValueError(f"weights: {path} is not a readable torch checkpoint ({exc})") from exc
-        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-            state = state["state_dict"]
-        if not isinstance(state, dict):
-            raise ValueError(f"weights: {path} does not hold a state dict (got {type(state).__name__})")
+        state, path = read_state_dict(
+            weights, f"'imagenet', 'random', a weights name of {name} ({', '.join(enum.__members__)})")
         num_classes = _state_classes(state)
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             warnings.simplefilter("ignore")
