@@ -135,7 +135,7 @@ def explain_batch(
                 scorer.batch_size = batch_size or default_batch_size(dev, size)
                 x = torch.stack([pixels[i] for i in idx]).to(dev, dtype)
                 group = _explain_group(model, x, [targets[i] for i in idx], impl, options, layer_ref, scorer,
-                                       keep_on_device, reshape, top_k if multi else None, multi)
+                                       keep_on_device, reshape, top_k, multi)
                 for i, res in zip(idx, group):
                     results[i] = res
     finally:
@@ -150,10 +150,7 @@ def _explain_group(model: nn.Module, x: torch.Tensor, targets: list[int | None],
                    top_k: int | None = None, multi: bool = False) -> list[Any]:
     """One :class:`Explanation` per image, or (``multi``) one list of them per image."""
     start = time.perf_counter()
-    if multi:
-        p = forward_pass(model, x, targets, layer, impl.needs_gradients, reshape=reshape, top_k=top_k)
-    else:
-        p = forward_pass(model, x, targets, layer, impl.needs_gradients, reshape=reshape)
+    p = forward_pass(model, x, targets, layer, impl.needs_gradients, reshape=reshape, top_k=top_k)
     out = impl.run(p, scorer, options)
     # Results reach the host once, at the end (no sync per chunk or per channel).
     saliency = out.saliency.float() if keep_on_device else out.saliency.float().cpu()
