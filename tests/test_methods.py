@@ -42,8 +42,13 @@ def test_the_readme_example_is_a_method_everywhere(registered):
     assert res.method == "maxgradcam" and res.saliency.shape == (16, 16)
     assert res.details["masked_forwards"] == 0 and res.details["layer"] == "conv2"
     # the same map by hand: A and W of the layer, weighted, then norm(up(relu(·)))
-    ref = unioncam.explain(model, x, method="gradcam")  # same pass; only the weights differ
-    assert ref.target == res.target
+    from unioncam.core import forward_pass
+    from unioncam.validation import resolve_layer
+
+    p = forward_pass(model, x[None], [None], resolve_layer(model, None), True)
+    want = final((p.grads.amax((2, 3), keepdim=True) * p.acts).sum(1), (16, 16))[0]
+    assert res.target == int(p.targets[0]) and torch.allclose(res.saliency, want, atol=1e-6)
+    assert not torch.allclose(res.saliency, unioncam.explain(model, x, method="gradcam").saliency)
     assert validate_method("maxgradcam") == "maxgradcam" and "maxgradcam" in methods_arg("all")
     assert "maxgradcam" not in unioncam.METHODS  # the shipped list stays what ships
 
