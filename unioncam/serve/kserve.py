@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .archive import ArchiveSettings, build_archive
+from .server import set_properties, template
 
 __all__ = ["KSERVE_MODEL_STORE", "KServeLayout", "kserve_config", "write_kserve_layout"]
 
@@ -55,39 +56,33 @@ def kserve_config(settings: ArchiveSettings, name: str = "unioncam", model_store
             "responseTimeout": settings.timeout,
         }}},
     }
-    lines = [
-        "# TorchServe inside a KServe predictor pod (written by `unioncam archive --kserve`).",
-        "# KServe's wrapper listens on 8080 and forwards v1/v2 requests to TorchServe on 127.0.0.1:8085.",
-        "inference_address=http://127.0.0.1:8085",
-        "management_address=http://127.0.0.1:8085",
-        "# Prometheus scrapes the pod's port 8082 (the metrics API has no token).",
-        "metrics_address=http://0.0.0.0:8082",
-        "grpc_inference_address=127.0.0.1",
-        "grpc_management_address=127.0.0.1",
-        "grpc_inference_port=7070",
-        "grpc_management_port=7071",
-        "# TS_<PROPERTY> environment variables override these lines (TS_NUMBER_OF_GPU, TS_INFERENCE_ADDRESS, ...).",
-        "enable_envvars_config=true",
-        "# The image has every dependency: nothing is pip-installed when the model loads.",
-        "install_py_dep_per_model=false",
-        "# The wrapper in the same pod is TorchServe's only client and sends no TorchServe key: authorization",
-        "# is KServe's ingress's job, and the API above listens on 127.0.0.1 only.",
-        "disable_token_authorization=true",
-        "enable_model_api=false",
-        f"max_request_size={max_request_mb * mb}",
-        f"max_response_size={max_response_mb * mb}",
-        "metrics_mode=prometheus",
-        "model_metrics_auto_detect=true",
-        "enable_metrics_api=true",
-        "number_of_netty_threads=4",
-        "job_queue_size=100",
-        "default_workers_per_model=1",
-        "# The image decoder has its own pixel limit with a clear error; PIL's would only warn.",
-        "limit_max_image_pixels=false",
-        f"model_store={model_store}",
-        "model_snapshot=" + json.dumps(snapshot, separators=(",", ":")),
-    ]
-    return "\n".join(lines) + "\n"
+    # The project's template (size limits, metrics, model API off, ...) without its comments, which speak
+    # of the local server, and with the runtime's addresses and layout.
+    header = (
+        "# TorchServe inside a KServe predictor pod (written by `unioncam archive --kserve`).\n"
+        "# KServe's wrapper listens on 8080 and forwards v1/v2 requests to TorchServe on 127.0.0.1:8085. It is\n"
+        "# TorchServe's only client and sends no TorchServe key: authorization is KServe's ingress's job, and\n"
+        "# the API listens on 127.0.0.1 only. Prometheus scrapes the pod's port 8082 (the metrics API has no\n"
+        "# token). TS_<PROPERTY> environment variables override these lines. The image has every dependency:\n"
+        "# nothing is pip-installed when the model loads.\n"
+    )
+    text = header + "".join(line + "\n" for line in template().splitlines() if not line.startswith("#"))
+    return set_properties(text, {
+        "inference_address": "http://127.0.0.1:8085",
+        "management_address": "http://127.0.0.1:8085",
+        "metrics_address": "http://0.0.0.0:8082",
+        "grpc_inference_port": 7070,
+        "grpc_management_port": 7071,
+        "enable_envvars_config": "true",
+        "install_py_dep_per_model": "false",
+        "disable_token_authorization": "true",
+        "max_request_size": max_request_mb * mb,
+        "max_response_size": max_response_mb * mb,
+        "number_of_netty_threads": 4,
+        "job_queue_size": 100,
+        "model_store": model_store,
+        "model_snapshot": json.dumps(snapshot, separators=(",", ":")),
+    })
 
 
 def write_kserve_layout(settings: ArchiveSettings, root: str | Path, name: str = "unioncam") -> KServeLayout:

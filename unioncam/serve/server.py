@@ -50,17 +50,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def config_text(ports: Ports, max_request_mb: int = 16, max_response_mb: int = 16) -> str:
-    """``config.properties`` for ``ports``: the shipped template (loopback only, token authorization on,
-    Prometheus metrics) with its addresses moved to those ports and its body limits set."""
-    text = resources.files("unioncam.serve").joinpath("config.properties").read_text()
-    mb = 1024 * 1024
-    for key, value in (("inference_address", ports.inference), ("management_address", ports.management),
-                       ("metrics_address", ports.metrics), ("grpc_inference_port", ports.grpc_inference),
-                       ("grpc_management_port", ports.grpc_management), ("max_request_size", max_request_mb * mb),
-                       ("max_response_size", max_response_mb * mb)):
-        text = re.sub(rf"^({key}=.*?)\d+$", rf"\g<1>{value}", text, flags=re.M)
+def set_properties(text: str, values: dict[str, Any]) -> str:
+    """``config.properties`` text with each key set to its value: replaced in place, or appended."""
+    for key, value in values.items():
+        line = f"{key}={value}"
+        text, n = re.subn(rf"^{re.escape(key)}=.*$", lambda _m, line=line: line, text, flags=re.M)
+        if not n:
+            text = text.rstrip("\n") + "\n" + line + "\n"
     return text
+
+
+def template() -> str:
+    """The shipped ``config.properties`` (loopback only, token authorization on, Prometheus metrics)."""
+    return resources.files("unioncam.serve").joinpath("config.properties").read_text()
+
+
+def config_text(ports: Ports, max_request_mb: int = 16, max_response_mb: int = 16) -> str:
+    """``config.properties`` for ``ports``: the shipped template with its addresses moved to those ports
+    and its body limits set."""
+    mb = 1024 * 1024
+    return set_properties(template(), {
+        "inference_address": f"http://127.0.0.1:{ports.inference}",
+        "management_address": f"http://127.0.0.1:{ports.management}",
+        "metrics_address": f"http://127.0.0.1:{ports.metrics}",
+        "grpc_inference_port": ports.grpc_inference, "grpc_management_port": ports.grpc_management,
+        "max_request_size": max_request_mb * mb, "max_response_size": max_response_mb * mb,
+    })
 
 
 # ------------------------------------------------------------------------------------------ server
