@@ -57,7 +57,7 @@ def load_model(name: str, weights: str | None = None, seed: int = 0,
     if name == "vgg16":
         return load_vgg16(weights or "imagenet", seed=seed, device=device)
     if name == "shapes":
-        return load_shapes_cnn(weights, device=device)
+        return load_shapes_cnn(weights, device=device, seed=seed)
     if isinstance(name, str) and name in TORCHVISION_MODELS:
         return load_torchvision(name, weights or "imagenet", seed=seed, device=device)
     accepted = "vgg16, shapes, a torchvision classifier name (resnet50, vit_b_16, …) or package.module:factory"
