@@ -387,9 +387,8 @@ def _cmd_token(args: argparse.Namespace) -> int:
 
 def _add_archive_options(p: argparse.ArgumentParser, archive: bool) -> None:
     from ..methods import METHODS
-    from ..validation import PRECISIONS
-
     from ..models import MODELS
+    from ..validation import PRECISIONS
 
     default = ("imagenet (shapes: shipped)" if archive else
                "imagenet if cached, else random with a warning (shapes: shipped)")
