@@ -14,6 +14,7 @@ page cannot post to it, a form included).
 
 from __future__ import annotations
 
+import http.client
 import json
 import threading
 import urllib.error
@@ -134,7 +135,7 @@ class Viewer:
         except urllib.error.HTTPError as e:  # a 4xx/5xx answer: pass it on as it is
             with e:
                 return e.code, _passed(e.headers), e.read()
-        except (OSError, urllib.error.URLError) as e:
+        except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out, or no HTTP at all
             reason = getattr(e, "reason", e)
             return _sentence(HTTPStatus.BAD_GATEWAY,
                              f"TorchServe at {self.upstream} did not answer ({reason}). Is the server still running?")
