@@ -8,6 +8,7 @@ writes the page with its explanations to ``docs/viewer.png``.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -168,6 +169,24 @@ def test_upload_explain_side_by_side_then_a_non_image(page, driver, tmp_path):
     target = driver.execute_script("return document.querySelectorAll('button.prediction')[1].dataset.class")
     title = driver.find_element(By.CSS_SELECTOR, ".pane .pane-title").text
     assert f"({target})" in title  # the class that was clicked
+
+    # The page's float16 decoding agrees with numpy's on the same request's answer (through the same proxy).
+    import numpy as np
+    import requests
+
+    r = requests.post(f"{page['url']}api/explanations", headers={"Origin": page["url"].rstrip("/")}, timeout=120,
+                      files={"image": ("chelsea.png", (ROOT / "samples" / "chelsea.png").read_bytes(),
+                                       "application/octet-stream")},
+                      data={"method": "gradcam", "target": target, "theta": "10"})
+    assert r.status_code == 200, r.text
+    m = r.json()["map"]
+    want = np.frombuffer(base64.b64decode(m["data"]), dtype="<f2").astype(np.float64).reshape(m["shape"])
+    got = json.loads(driver.execute_script("return document.querySelector('.pane[data-method=gradcam]')"
+                                           ".dataset.mapStats"))
+    assert [got["h"], got["w"]] == m["shape"] == [32, 32]
+    assert got["min"] == pytest.approx(want.min(), abs=1e-3) and got["max"] == pytest.approx(want.max(), abs=1e-3)
+    assert got["sum"] == pytest.approx(want.sum(), rel=1e-3)
+    assert 0 <= got["min"] < got["max"] <= 1
 
     # The opacity slider redraws from the kept maps, without a request.
     driver.execute_script("const o = document.getElementById('opacity'); o.value = 90;"

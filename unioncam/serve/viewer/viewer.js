@@ -345,6 +345,10 @@
         pane.result = body;
         const decoded = decodeMap(body.map);
         pane.flat = decoded.values.every((v) => v === decoded.values[0]);
+        let sum = 0, min = Infinity, max = -Infinity;
+        for (const v of decoded.values) { sum += v; min = Math.min(min, v); max = Math.max(max, v); }
+        // What the page read from the map, for anyone checking it against the JSON (the browser test does).
+        pane.node.dataset.mapStats = JSON.stringify({ h: decoded.h, w: decoded.w, sum, min, max });
         pane.map = mapCanvas(decoded);
         render(pane);
         describe(pane);
