@@ -22,7 +22,7 @@ from unioncam.serve.viewer import MAX_BODY, STATIC, Viewer, archive_info
 requests = pytest.importorskip("requests")
 
 KEY = "k3y-0f-the-f1rst-run"
-INFO = {"model": "unioncam", "image_size": 32, "method": "unioncam", "theta": 10.0,
+INFO = {"model": "unioncam", "architecture": "vgg16", "image_size": 32, "method": "unioncam", "theta": 10.0,
         "methods": ["unioncam", "gradcam"], "masked": ["unioncam"], "max_body": MAX_BODY}
 
 
@@ -221,6 +221,7 @@ def test_info_comes_from_the_archive(tmp_path):
     mar = build_archive(ArchiveSettings(weights="random", image_size=48, method="gradcam", theta=20.0), tmp_path, "m")
     info = archive_info(mar, "m")
     assert info["model"] == "m" and info["image_size"] == 48 and info["method"] == "gradcam" and info["theta"] == 20.0
+    assert info["architecture"] == "vgg16"
     assert "unioncam" in info["methods"] and "unioncam" in info["masked"] and "gradcam" not in info["masked"]
 
 

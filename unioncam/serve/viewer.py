@@ -54,6 +54,7 @@ def archive_info(mar: str | Path, name: str) -> dict[str, Any]:
     handler = (yaml.safe_load(text) or {}).get("handler", {}) if text else {}
     return {
         "model": name,
+        "architecture": handler.get("model", "vgg16"),  # archives without the key serve VGG16
         "image_size": handler.get("image_size"),
         "method": handler.get("method", "unioncam"),
         "theta": handler.get("theta", 10.0),

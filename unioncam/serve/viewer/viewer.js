@@ -150,7 +150,8 @@
       const info = await r.json();
       state.info = info;
       const size = info.image_size ? `images resized to ${info.image_size}×${info.image_size}` : "";
-      $("model-info").textContent = [`model ${info.model}`, size, `default ${info.method}, θ = ${info.theta}`]
+      const model = info.architecture ? `model ${info.model} (${info.architecture})` : `model ${info.model}`;
+      $("model-info").textContent = [model, size, `default ${info.method}, θ = ${info.theta}`]
         .filter(Boolean).join(" · ");
       const box = $("methods");
       box.replaceChildren();
