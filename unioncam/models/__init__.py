@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidInputError
+from .cost import ModelCost, model_cost
 from .shapes import SHAPE_CLASSES, ShapesCNN, load_shapes_cnn
 from .vgg import IMAGENET_MEAN, IMAGENET_STD, PixelVGG16, imagenet_categories, load_vgg16
 from .zoo import (
@@ -23,6 +24,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "MODELS",
+    "ModelCost",
     "SHAPE_CLASSES",
     "TORCHVISION_MODELS",
     "PixelVGG16",
@@ -33,6 +35,7 @@ __all__ = [
     "load_shapes_cnn",
     "load_torchvision",
     "load_vgg16",
+    "model_cost",
     "nhwc_to_nchw",
     "pixel_model",
     "vit_tokens_to_map",
@@ -57,7 +60,7 @@ def load_model(name: str, weights: str | None = None, seed: int = 0,
     if name == "vgg16":
         return load_vgg16(weights or "imagenet", seed=seed, device=device)
     if name == "shapes":
-        return load_shapes_cnn(weights, device=device)
+        return load_shapes_cnn(weights, device=device, seed=seed)
     if isinstance(name, str) and name in TORCHVISION_MODELS:
         return load_torchvision(name, weights or "imagenet", seed=seed, device=device)
     accepted = "vgg16, shapes, a torchvision classifier name (resnet50, vit_b_16, …) or package.module:factory"

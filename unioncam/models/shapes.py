@@ -77,9 +77,18 @@ class ShapesCNN(nn.Module):
 
 
 def load_shapes_cnn(
-    weights: str | os.PathLike | None = None, device: str | torch.device | None = None
+    weights: str | os.PathLike | None = None, device: str | torch.device | None = None, seed: int = 0
 ) -> ShapesCNN:
-    """The trained :class:`ShapesCNN` in eval mode (``weights=None`` → the shipped file), frozen."""
+    """The trained :class:`ShapesCNN` in eval mode (``weights=None`` → the shipped file), frozen.
+
+    ``weights="random"``: its initialisation seeded by ``seed`` (the caller's RNG is untouched).
+    """
+    if isinstance(weights, str) and weights == "random":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = ShapesCNN()
+        model.eval().requires_grad_(False)
+        return model.to(device) if device is not None else model
     if weights is not None and not Path(weights).is_file():
         raise FileNotFoundError(
             f"weights: {str(weights)!r} does not exist (train it with benchmarks/groundtruth/train.py)"

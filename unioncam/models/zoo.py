@@ -227,7 +227,7 @@ def _unzero_head(model: nn.Module) -> None:
     """torchvision starts ViT's head at zero: every logit 0, every gradient 0, every map blank. For
     ``"random"`` weights such a head gets a (seeded) normal initialisation of standard deviation 0.02."""
     for mod in model.modules():
-        if isinstance(mod, nn.Linear) and not bool(mod.weight.any()):
+        if isinstance(mod, nn.Linear) and not mod.weight.is_meta and not bool(mod.weight.any()):
             nn.init.trunc_normal_(mod.weight, std=0.02)
 
 

@@ -51,6 +51,9 @@ def package_digest() -> str:
 class ArchiveSettings:
     """What goes into ``model-config.yaml``: TorchServe's batching and the engine's defaults."""
 
+    #: A :data:`unioncam.models.MODELS` name: ``vgg16``, ``shapes`` or any torchvision classifier.
+    model: str = "vgg16"
+    #: ``imagenet``, ``random`` (seeded by ``seed``) or a state dict's path; for ``shapes`` also ``shipped``.
     weights: str = "imagenet"
     seed: int = 0
     image_size: int = 224
@@ -74,13 +77,21 @@ class ArchiveSettings:
     explain_slots: int | None = None
 
     @property
+    def cost(self):
+        """:class:`~unioncam.models.ModelCost` of one forward of the model at ``image_size``."""
+        from ..models.cost import model_cost
+
+        return model_cost(self.model, self.image_size, self.layer)
+
+    @property
     def timeout(self) -> int:
         """The response timeout in force."""
         if self.response_timeout_s is not None:
             return self.response_timeout_s
         from .limits import response_timeout
 
-        return response_timeout(self.image_size, self.max_batch_size)
+        cost = self.cost
+        return response_timeout(self.image_size, self.max_batch_size, gflops=cost.gflops, channels=cost.channels)
 
     @property
     def slots(self) -> int:
@@ -93,21 +104,41 @@ class ArchiveSettings:
 
         from .. import __version__
 
-        handler = {"image_size": self.image_size, "method": self.method, "theta": self.theta,
+        cost = self.cost
+        handler = {"model": self.model, "image_size": self.image_size, "method": self.method, "theta": self.theta,
                    "layer": self.layer, "batch_size": self.batch_size, "precision": self.precision,
-                   "explain_slots": self.slots}
+                   "explain_slots": self.slots, "explained_layer": cost.layer, "channels": cost.channels,
+                   "forward_gflops": round(cost.gflops, 3)}
         if self.weights == "random":
             handler.update(weights="random", seed=self.seed)
         else:
-            handler.update(weights="file", weights_file="vgg16.pth", source=str(self.weights))
+            handler.update(weights="file", weights_file=self.weights_file, source=str(self.weights))
         handler.update(engine=f"unioncam {__version__} ({package_digest()})")
         doc = {"minWorkers": self.workers, "maxWorkers": self.workers, "batchSize": self.max_batch_size,
                "maxBatchDelay": self.max_batch_delay_ms, "responseTimeout": self.timeout,
                "handler": handler}
         return yaml.safe_dump(doc, sort_keys=False)
 
+    @property
+    def weights_file(self) -> str:
+        """The name of the serialized weights inside the archive."""
+        return f"{self.model}.pth"
+
     def validate(self) -> None:
         """Raise :class:`InvalidInputError` for a setting the worker would refuse."""
+        from ..models import MODELS
+
+        if self.model not in MODELS:
+            problem = (f"{self.model!r} is a user module; a TorchServe worker could not import it"
+                       if ":" in str(self.model) else f"{self.model!r} is not a known model")
+            raise InvalidInputError("model", problem, "vgg16, shapes or a torchvision classifier name "
+                                    "(resnet50, vit_b_16, … : torchvision.models.list_models())")
+        if self.model == "shapes" and self.weights == "imagenet":
+            raise InvalidInputError("weights", "'imagenet' does not exist for the shapes CNN",
+                                    "'shipped' (the weights in the package), 'random' or a state dict's path")
+        if self.model != "shapes" and self.weights == "shipped":
+            raise InvalidInputError("weights", f"'shipped' exists only for the shapes CNN, not {self.model}",
+                                    "'imagenet', 'random' or a state dict's path")
         validate_method(self.method)
         validate_theta(self.theta)
         validate_precision(self.precision)
@@ -117,23 +148,24 @@ class ArchiveSettings:
                 continue
             if not isinstance(v, int) or v < 1:
                 raise InvalidInputError(name.replace("_", "-"), f"{v!r}", "an integer ≥ 1")
-        if self.image_size < 32:
-            raise InvalidInputError("image-size", f"{self.image_size} is too small for VGG16's five poolings",
-                                    "an integer ≥ 32")
+        self.cost  # noqa: B018 — a size the model cannot take (too small, or not a ViT's own) or an unknown layer
 
 
-def _weights_file(weights: str, dest: Path) -> None:
-    """Write the VGG16 state dict for ``weights`` ("imagenet" or a path) to ``dest``."""
+def _weights_file(settings: ArchiveSettings, dest: Path) -> list[str]:
+    """Write the model's state dict for ``settings.weights`` (not ``random``) to ``dest``; return the
+    class names of those weights."""
     import torch
 
-    from ..models import load_vgg16
+    from ..models import load_model
 
-    if weights != "imagenet" and Path(weights).is_file():
-        load_vgg16(weights)  # refuse a file that is not a VGG16 state dict now, not in the worker
+    weights = None if settings.weights == "shipped" else settings.weights
+    # A path is loaded too: a file that is not a state dict of this model is refused now, not in the worker.
+    model = load_model(settings.model, weights)  # "imagenet": cached or downloaded; raises with instructions
+    if weights is not None and weights != "imagenet" and Path(weights).is_file():
         shutil.copyfile(weights, dest)
-        return
-    model = load_vgg16(weights)  # "imagenet": cached or downloaded; raises with instructions if neither
-    torch.save(model.state_dict(), dest)
+    else:
+        torch.save(model.state_dict(), dest)
+    return list(model.categories)
 
 
 def build_archive(settings: ArchiveSettings, model_store: str | Path = "model_store", name: str = "unioncam",
@@ -145,8 +177,6 @@ def build_archive(settings: ArchiveSettings, model_store: str | Path = "model_st
     mar = store / f"{name}.mar"
     if mar.exists() and not force:
         return mar
-    from ..models import imagenet_categories
-
     with tempfile.TemporaryDirectory(prefix="unioncam-archive-") as tmp:
         stage = Path(tmp)
         # --extra-files copies a folder's *contents* into the archive root: "files/unioncam" → "unioncam/".
@@ -155,15 +185,17 @@ def build_archive(settings: ArchiveSettings, model_store: str | Path = "model_st
             dest = files / "unioncam" / p.relative_to(PACKAGE)
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(p, dest)
-        (files / "index_to_name.json").write_text(json.dumps({str(i): c for i, c in enumerate(imagenet_categories())}))
         (stage / "unioncam_handler.py").write_text(ENTRY_POINT)
         (stage / "model-config.yaml").write_text(settings.yaml())
         cmd = [sys.executable, "-m", "model_archiver.model_packaging", "--model-name", name, "--version", "1.0",
                "--handler", str(stage / "unioncam_handler.py"), "--config-file", str(stage / "model-config.yaml"),
                "--export-path", str(store), "--force"]
+        categories = list(settings.cost.categories)  # the default weights' classes
         if settings.weights != "random":
-            _weights_file(settings.weights, stage / "vgg16.pth")
-            cmd += ["--serialized-file", str(stage / "vgg16.pth")]
+            weights = stage / settings.weights_file
+            categories = _weights_file(settings, weights)  # a user's file may have other classes
+            cmd += ["--serialized-file", str(weights)]
+        (files / "index_to_name.json").write_text(json.dumps({str(i): c for i, c in enumerate(categories)}))
         cmd += ["--extra-files", str(files)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0 or not mar.exists():

@@ -72,6 +72,10 @@ class UnionCAMHandler:
             self.categories = [names.get(str(i), str(i)) for i in range(len(names))]
         else:
             self.categories = list(self.model.categories)
+        # One forward's cost and the explained layer's channels (from the archive): the time estimates.
+        self.gflops = float(cfg["forward_gflops"]) if cfg.get("forward_gflops") is not None else None
+        self.channels = int(cfg.get("channels", 512))
+        self.timeout = int((context.model_yaml_config or {}).get("responseTimeout", 120) or 120)
         self.defaults = protocol.Defaults(
             image_size=int(cfg.get("image_size", 224)),
             method=validate_method(cfg.get("method", "unioncam")),
@@ -97,21 +101,36 @@ class UnionCAMHandler:
             probs = self.model(x).float().softmax(-1)
         return protocol.predictions_body(probs, self.categories)
 
-    def _explain(self, item: Item, idx: int) -> dict[str, Any] | bytes:
+    def _seconds(self, item: Item) -> float:
+        """The estimated seconds of ``item`` on this worker's device (all its classes)."""
+        return explanation_seconds(item.method, self.defaults.image_size, self.device.type, self.gflops,
+                                   self.channels, item.targets)
+
+    def _explain(self, item: Item, idx: int) -> dict[str, Any] | list[dict[str, Any]] | bytes:
+        if item.several and get_method(item.method).masked and self._seconds(item) > self.timeout / 2:
+            raise InvalidInputError(
+                "target", f"asks for {item.targets} {item.method} explanations, about {self._seconds(item):.0f} s "
+                f"here, more than half the server's response timeout ({self.timeout} s)",
+                "fewer classes per request, or a gradient method (gradcam, layercam, ...)")
         start = time.perf_counter()
         # One explanation per call: the map is then the same as unioncam.explain on this image, whatever
-        # else shares the batch; masked inputs are already batched inside one explanation.
-        res = explain(self.model, item.pixels, method=item.method, target=item.target, theta=item.theta,
-                      layer=self.layer, batch_size=self.batch_size, precision=self.precision)
+        # else shares the batch; masked inputs are already batched inside one explanation. Several classes
+        # of one image share its forward and their masked inputs share chunks.
+        out = explain(self.model, item.pixels, method=item.method, target=item.target, top_k=item.top_k,
+                      theta=item.theta, layer=self.layer, batch_size=self.batch_size, precision=self.precision)
         explain_ms = (time.perf_counter() - start) * 1000
-        self._metrics(res, explain_ms, idx)
+        results = out if isinstance(out, list) else [out]
+        for res in results:
+            self._metrics(res, explain_ms / len(results), idx)
         t0 = time.perf_counter()
         if item.format == "png":
-            return overlay_png(item.pixels, res.saliency)
-        body = protocol.explanation_body(res, self.categories[res.target],
-                                         {"decode_ms": item.decode_ms, "explain_ms": explain_ms})
-        body["timings"]["encode_ms"] = (time.perf_counter() - t0) * 1000
-        return body
+            return overlay_png(item.pixels, results[0].saliency)
+        bodies = [protocol.explanation_body(res, self.categories[res.target],
+                                            {"decode_ms": item.decode_ms, "explain_ms": explain_ms})
+                  for res in results]
+        for body in bodies:
+            body["timings"]["encode_ms"] = (time.perf_counter() - t0) * 1000
+        return bodies if item.several else bodies[0]
 
     def _metrics(self, res: Any, explain_ms: float, idx: int) -> None:
         metrics = getattr(self.context, "metrics", None)
@@ -183,8 +202,7 @@ class UnionCAMHandler:
 
     def _busy(self, context: Any, idx: int, out: list[Any], req: Request) -> None:
         """503 + Retry-After: every explanation slot is taken (TorchServe would otherwise queue it)."""
-        seconds = max(1, math.ceil(max(explanation_seconds(it.method, self.defaults.image_size, self.device.type)
-                                       for it in req.items)))
+        seconds = max(1, math.ceil(max(self._seconds(it) for it in req.items)))
         context.set_response_header(idx, "Retry-After", str(seconds))
         self._fail(context, idx, out, 503, InvalidInputError(
             "server", f"is running {self.slots.n} explanation(s) with masked forwards, its limit",

@@ -17,32 +17,51 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["Slots", "explanation_seconds", "response_timeout"]
+__all__ = ["Slots", "explanation_seconds", "masked_forwards", "response_timeout"]
 
-#: Masked forwards per image of each method for VGG16's ``features.29`` (512 channels) at most: UnionCAM
-#: scores every channel plus its three β's, Score-CAM every channel, Group-CAM 32 groups and the blur.
-FORWARDS = {"unioncam": 512 + 4, "scorecam": 512 + 1, "groupcam": 32 + 2}
+#: One VGG16 forward at 224²: 30.9 GFLOP (torch's flop counter, :func:`unioncam.models.model_cost`).
+VGG16_GFLOPS_224 = 30.94
 
-#: CPU seconds of one VGG16 forward per image: a fixed part plus a part that grows with the pixels
-#: (fp32 on 2 cores of an Intel Xeon: 0.28 s at 224², 0.023–0.03 s at 64²).
-CPU_FIXED_S, CPU_PER_224_S = 0.005, 0.28
+#: CPU seconds of one forward per image: a fixed part plus a part per GFLOP, from VGG16 fp32 on 2 cores of
+#: an Intel Xeon (0.28 s at 224², 0.023–0.03 s at 64²). Other models are assumed to run at VGG16's rate
+#: per GFLOP; depthwise convolutions (EfficientNet, MobileNet) and attention run below it, which the
+#: 5× margin of :func:`response_timeout` absorbs.
+CPU_FIXED_S, CPU_S_PER_GFLOP = 0.005, 0.28 / VGG16_GFLOPS_224
+
+#: A forward on CUDA is assumed 20× faster than on this CPU: an assumption, not a measurement.
+CUDA_SPEEDUP = 20
 
 
-def explanation_seconds(method: str, image_size: int, device: str = "cpu") -> float:
-    """A rough upper estimate of one explanation's seconds (the gradient methods cost about two forwards).
+def masked_forwards(method: str, channels: int = 512) -> int:
+    """Masked forwards of one explanation at most: UnionCAM scores every channel plus its three β's and the
+    black image, Score-CAM every channel plus the black image, Group-CAM 32 groups and the blur; a
+    gradient method costs about three forwards' worth (its forward and backward)."""
+    from ..methods.groupcam import GROUPCAM_GROUPS
 
-    Measured on the CPU only; on CUDA it assumes a forward is 20× faster — an assumption, not a measurement.
+    return {"unioncam": channels + 4, "scorecam": channels + 1, "groupcam": GROUPCAM_GROUPS + 2}.get(method, 3)
+
+
+def explanation_seconds(method: str, image_size: int, device: str = "cpu", gflops: float | None = None,
+                        channels: int = 512, targets: int = 1) -> float:
+    """A rough upper estimate of one request's seconds: ``targets`` explanations of ``method``.
+
+    ``gflops``: one forward of the served model at ``image_size`` (``None``: VGG16's, scaled by the pixels);
+    ``channels``: its explained layer's.
     """
-    per_forward = CPU_FIXED_S + CPU_PER_224_S * (image_size / 224) ** 2
+    if gflops is None:
+        gflops = VGG16_GFLOPS_224 * (image_size / 224) ** 2
+    per_forward = CPU_FIXED_S + CPU_S_PER_GFLOP * gflops
     if device.startswith("cuda"):
-        per_forward /= 20
-    return FORWARDS.get(method, 3) * per_forward
+        per_forward /= CUDA_SPEEDUP
+    return targets * masked_forwards(method, channels) * per_forward
 
 
-def response_timeout(image_size: int, batch_size: int = 1, device: str = "cpu", floor_s: int = 120) -> int:
+def response_timeout(image_size: int, batch_size: int = 1, device: str = "cpu", floor_s: int = 120,
+                     gflops: float | None = None, channels: int = 512) -> int:
     """TorchServe's ``responseTimeout`` for a batch: 5× the slowest method's estimate per request (a worker
     has a share of the cores, and shares them with the others), at least ``floor_s``."""
-    slowest = max(explanation_seconds(m, image_size, device) for m in FORWARDS)
+    slowest = max(explanation_seconds(m, image_size, device, gflops, channels)
+                  for m in ("unioncam", "scorecam", "groupcam"))
     return max(floor_s, math.ceil(5 * slowest * batch_size))
 
 

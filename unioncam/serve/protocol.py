@@ -27,6 +27,7 @@ __all__ = [
     "FORMATS",
     "IMAGE_FIELDS",
     "MAX_INSTANCES",
+    "MAX_TARGETS",
     "OPTIONS",
     "Defaults",
     "Item",
@@ -44,6 +45,8 @@ OPTIONS = ("method", "target", "theta", "format")
 IMAGE_FIELDS = ("image", "data", "body", "file")
 #: Most instances one KServe request may carry (each is a full explanation).
 MAX_INSTANCES = 8
+#: Most classes one explanation request may ask for (``target=top5``, ``target=281,285``).
+MAX_TARGETS = 10
 
 
 @dataclass(frozen=True)
@@ -62,10 +65,23 @@ class Item:
 
     pixels: torch.Tensor
     method: str
-    target: int | None
+    #: A class, ``None`` (the predicted class), or a list of classes (answered with a list).
+    target: int | list[int] | None
     theta: float
     format: str
     decode_ms: float
+    #: ``target=topK`` with K ≥ 2: the K most probable classes, most probable first (answered with a list).
+    top_k: int | None = None
+
+    @property
+    def targets(self) -> int:
+        """How many classes this item explains."""
+        return self.top_k or (len(self.target) if isinstance(self.target, list) else 1)
+
+    @property
+    def several(self) -> bool:
+        """Answered with a list of explanations (a list of targets, or top-K with K ≥ 2)."""
+        return self.top_k is not None or isinstance(self.target, list)
 
 
 @dataclass
@@ -103,22 +119,40 @@ def _image(value: Any, name: str, size: int) -> tuple[torch.Tensor, float]:
     return pixels, (time.perf_counter() - start) * 1000
 
 
-def _options(fields: dict[str, Any], defaults: Defaults) -> tuple[str, int | None, float, str]:
-    method = validate_method(_text(fields.get("method", defaults.method)))
-    target = _text(fields.get("target"))
-    accepted = f"an integer in [0, {defaults.num_classes - 1}], or omitted / 'top1' for the predicted class"
-    if target is None or target == "" or target == "top1":
-        target = None
-    else:
-        if isinstance(target, str):
+def _target(value: Any, defaults: Defaults) -> tuple[int | list[int] | None, int | None]:
+    """``target`` → ``(target, top_k)``: a class, ``None`` (predicted), a list of classes, or top-K."""
+    value = _text(value)
+    n = defaults.num_classes
+    accepted = (f"an integer in [0, {n - 1}]; 'top1' or omitted for the predicted class; 'topK' (K ≤ "
+                f"{MAX_TARGETS}) for the K most probable; or up to {MAX_TARGETS} classes as a list or '281,285'")
+    if value is None or value == "" or value == "top1":
+        return None, None
+    if isinstance(value, str) and value.lower().startswith("top"):
+        k = value[3:]
+        if not k.isdigit() or not 1 <= int(k) <= MAX_TARGETS:
+            raise InvalidInputError("target", f"{value!r} is not top1…top{MAX_TARGETS}", accepted)
+        return (None, None) if int(k) == 1 else (None, int(k))
+    several = isinstance(value, list) or (isinstance(value, str) and "," in value)
+    entries = value if isinstance(value, list) else str(value).split(",") if several else [value]
+    if not entries or len(entries) > MAX_TARGETS:
+        raise InvalidInputError("target", f"lists {len(entries)} classes", accepted)
+    classes = []
+    for entry in entries:
+        if isinstance(entry, str):
             try:
-                target = int(target)
+                entry = int(entry.strip())
             except ValueError:
-                raise InvalidInputError("target", f"{target!r} is not a class index", accepted) from None
+                raise InvalidInputError("target", f"{entry!r} is not a class index", accepted) from None
         try:
-            target = validate_target(target, defaults.num_classes)
+            classes.append(validate_target(entry, n))
         except InvalidInputError as exc:
             raise InvalidInputError("target", exc.problem, accepted) from None
+    return (classes if several else classes[0]), None
+
+
+def _options(fields: dict[str, Any], defaults: Defaults) -> tuple[str, int | list[int] | None, int | None, float, str]:
+    method = validate_method(_text(fields.get("method", defaults.method)))
+    target, top_k = _target(fields.get("target"), defaults)
     theta = _text(fields.get("theta", defaults.theta))
     if isinstance(theta, str):
         try:
@@ -129,13 +163,16 @@ def _options(fields: dict[str, Any], defaults: Defaults) -> tuple[str, int | Non
     fmt = _text(fields.get("format", "json"))
     if not isinstance(fmt, str) or fmt.lower() not in FORMATS:
         raise InvalidInputError("format", f"{fmt!r} is not a known format", ", ".join(FORMATS))
-    return method, target, theta, fmt.lower()
+    if fmt.lower() == "png" and (top_k is not None or isinstance(target, list)):
+        raise InvalidInputError("format", "'png' is one image but the target asks for several classes",
+                                "format json for several classes, or one target with png")
+    return method, target, top_k, theta, fmt.lower()
 
 
 def _item(image: Any, options: dict[str, Any], name: str, defaults: Defaults) -> Item:
-    method, target, theta, fmt = _options(options, defaults)
+    method, target, top_k, theta, fmt = _options(options, defaults)
     pixels, ms = _image(image, name, defaults.image_size)
-    return Item(pixels, method, target, theta, fmt, ms)
+    return Item(pixels, method, target, theta, fmt, ms, top_k)
 
 
 def _parameters(value: Any, name: str) -> dict[str, Any]:
@@ -295,11 +332,17 @@ def explanation_body(res: Any, category: str, timings: dict[str, float]) -> dict
 
 
 def encode(req: Request, answers: list[Any], model_name: str) -> tuple[Any, str]:
-    """The response body and content type for ``req``'s answers (dicts, lists, or PNG bytes)."""
+    """The response body and content type for ``req``'s answers (dicts, lists, or PNG bytes).
+
+    An explanation of several classes is a list of explanation objects: a plain request's body is then
+    ``{"explanations": [...]}``, a KServe instance's answer the list itself.
+    """
     if req.kind == "plain":
         ans = answers[0]
         if isinstance(ans, bytes):
             return ans, "image/png"
+        if req.explain and isinstance(ans, list):
+            return {"explanations": ans}, "application/json"
         return (ans if req.explain else {"predictions": ans}), "application/json"
     answers = [base64.b64encode(a).decode("ascii") if isinstance(a, bytes) else a for a in answers]
     name = "explanations" if req.explain else "predictions"

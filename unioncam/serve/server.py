@@ -241,39 +241,49 @@ def _ports_of(text: str) -> Ports:
 
 
 def _settings(args: argparse.Namespace) -> ArchiveSettings:
-    return ArchiveSettings(weights=args.weights, seed=args.seed, image_size=args.image_size, method=args.method,
+    return ArchiveSettings(model=args.model, weights=args.weights, seed=args.seed, image_size=args.image_size, method=args.method,
                            theta=args.theta, layer=args.layer, batch_size=args.batch_size, precision=args.precision,
                            max_batch_size=args.max_batch_size, max_batch_delay_ms=args.max_batch_delay,
                            response_timeout_s=args.response_timeout, workers=args.workers,
                            explain_slots=args.explain_slots)
 
 
-def _resolve_weights(weights: str | None) -> str:
-    """``None`` → ImageNet if its file is cached, else random with a warning (this machine may be offline)."""
+def _resolve_weights(model: str, weights: str | None) -> str:
+    """``None`` → the model's ImageNet weights if their file is cached, else random with a warning (this
+    machine may be offline); for ``shapes`` its shipped weights."""
     if weights is not None:
         return weights
+    if model == "shapes":
+        return "shipped"
     import torch
-    from torchvision.models import VGG16_Weights
+    from torchvision.models import get_model_weights
 
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(VGG16_Weights.IMAGENET1K_V1.url)
+    from ..models import MODELS
+
+    if model not in MODELS:
+        return "imagenet"  # the archive settings refuse the name with the list of accepted ones
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(get_model_weights(model).DEFAULT.url)
     if cached.is_file():
         return "imagenet"
-    print(f"unioncam serve: warning: ImageNet VGG16 weights are not cached at {cached}; serving a RANDOM "
-          "VGG16 (seed 0) so the service can be tried. Its classes and maps mean nothing. "
-          "Pass --weights imagenet (downloads 528 MB) or --weights PATH for real use.", file=sys.stderr)
+    print(f"unioncam serve: warning: ImageNet {model} weights are not cached at {cached}; serving a RANDOM "
+          f"{model} (seed 0) so the service can be tried. Its classes and maps mean nothing. "
+          "Pass --weights imagenet (downloads them) or --weights PATH for real use.", file=sys.stderr)
     return "random"
 
 
 def _cmd_archive(args: argparse.Namespace) -> int:
+    if args.weights is None:
+        args.weights = "shipped" if args.model == "shapes" else "imagenet"
     if args.kserve:
         from .kserve import write_kserve_layout
 
         layout = write_kserve_layout(_settings(args), args.kserve, args.name)
-        print(f"{layout.config}\n{layout.mar}  ({layout.mar.stat().st_size / 1e6:.1f} MB, weights {args.weights}); "
+        print(f"{layout.config}\n{layout.mar}  ({layout.mar.stat().st_size / 1e6:.1f} MB, {args.model}, "
+              f"weights {args.weights}); "
               f"upload {layout.root}/ as the InferenceService's storageUri (deploy/kserve/)")
         return 0
     mar = build_archive(_settings(args), args.model_store, args.name, force=True)
-    print(f"{mar}  ({mar.stat().st_size / 1e6:.1f} MB, weights {args.weights})")
+    print(f"{mar}  ({mar.stat().st_size / 1e6:.1f} MB, {args.model}, weights {args.weights})")
     return 0
 
 
@@ -309,12 +319,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise RuntimeError(f"port(s) in use on 127.0.0.1: {', '.join(busy)}. Another server may be running "
                            "(`ls -l runs/current`); stop it, or pass --port BASE to use BASE…BASE+4"
                            + (" (and --viewer-port PORT)." if viewer_port else "."))
-    args.weights = _resolve_weights(args.weights)
+    args.weights = _resolve_weights(args.model, args.weights)
     store = Path(args.model_store)
     mar = store / f"{args.name}.mar"
     settings = _settings(args)
     if args.rebuild or archived_yaml(mar) != settings.yaml():
-        print(f"building {mar} (weights {args.weights}) …", flush=True)
+        print(f"building {mar} ({args.model}, weights {args.weights}) …", flush=True)
         build_archive(settings, store, args.name, force=True)
     run_dir = Path(args.runs) / (args.run_name or time.strftime("%Y%m%d-%H%M%S"))
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -342,7 +352,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             from .viewer import Viewer, archive_info
 
             viewer = Viewer(server.url, run_dir / "key_file.json", archive_info(mar, args.name), viewer_port).start()
+        cost = settings.cost
         print(f"ready: {server.url}/predictions/{args.name}  {server.url}/explanations/{args.name}\n"
+              f"model: {settings.model} (weights {args.weights}), {settings.image_size}², explained layer "
+              f"{cost.layer} ({cost.channels} channels)\n"
               f"token: {key}  (in {run_dir / 'key_file.json'}; expires {_expiry(run_dir)}; renew with "
               f"`unioncam token --runs {args.runs}`)\n"
               f"workers: {settings.workers}, explanations with masked forwards at once: {settings.slots}, "
@@ -383,21 +396,27 @@ def _cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_archive_options(p: argparse.ArgumentParser, weights_default: str | None) -> None:
+def _add_archive_options(p: argparse.ArgumentParser, archive: bool) -> None:
     from ..methods import METHODS
+    from ..models import MODELS
     from ..validation import PRECISIONS
 
-    default = weights_default or "imagenet if cached, else random with a warning"
-    p.add_argument("--weights", default=weights_default,
+    default = ("imagenet (shapes: shipped)" if archive else
+               "imagenet if cached, else random with a warning (shapes: shipped)")
+    p.add_argument("--model", default="vgg16", choices=MODELS, metavar="NAME",
+                   help="vgg16, shapes (the ground-truth benchmark's CNN) or any torchvision classifier by its "
+                   "torchvision name (resnet50, densenet121, vit_b_16, swin_t, ...); default vgg16")
+    p.add_argument("--weights", default=None,
                    help="'imagenet' (torchvision's, from the torch hub cache or downloaded), 'random' (only "
-                   f"the seed is stored) or a path to a VGG16 state dict; default {default}")
+                   f"the seed is stored), a path to a state dict of --model, or for shapes 'shipped'; default {default}")
     p.add_argument("--seed", type=int, default=0, help="seed for --weights random; default 0")
     p.add_argument("--name", default="unioncam", help="model name (the .mar is NAME.mar); default unioncam")
     p.add_argument("--model-store", default="model_store", help="where the .mar goes; default ./model_store")
     p.add_argument("--image-size", type=int, default=224, help="images are resized to SIZE×SIZE; default 224")
     p.add_argument("--method", default="unioncam", choices=METHODS, help="default method; default unioncam")
     p.add_argument("--theta", type=float, default=10.0, help="default θ; default 10")
-    p.add_argument("--layer", default=None, help="explained layer; default features.29")
+    p.add_argument("--layer", default=None,
+                   help="explained layer; default the model's (vgg16: features.29, resnet: layer4, README table)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="masked inputs per forward; default the engine's: 64 on CUDA, on a CPU 8 at 224² up to 64 at 32²")
     p.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
@@ -421,7 +440,7 @@ def add_parser(subparsers: Any) -> None:
     ar = subparsers.add_parser("archive", help="build the TorchServe archive model_store/NAME.mar",
                                description="Build NAME.mar with the handler, the unioncam package, "
                                "index_to_name.json, model-config.yaml and the weights.")
-    _add_archive_options(ar, "imagenet")
+    _add_archive_options(ar, archive=True)
     ar.add_argument("--kserve", metavar="DIR", default=None,
                     help="write KServe's TorchServe layout instead: DIR/config/config.properties (token auth off, "
                     "API on 127.0.0.1:8085 for KServe's wrapper, metrics on :8082) and DIR/model-store/NAME.mar")
@@ -430,7 +449,7 @@ def add_parser(subparsers: Any) -> None:
                                description="Build model_store/NAME.mar if missing or built with other "
                                "settings, and run TorchServe with "
                                "its temp, log, metric and pid files under runs/RUN_NAME/. Ctrl-C stops it.")
-    _add_archive_options(sv, None)
+    _add_archive_options(sv, archive=False)
     sv.add_argument("--config", default=None,
                     help="config.properties to use; default the shipped template (unioncam/serve/config.properties)")
     sv.add_argument("--port", type=int, default=None,
