@@ -8,6 +8,20 @@ if ! command -v java >/dev/null 2>&1 || ! java -version 2>&1 | grep -qE 'version
     echo "bootstrap: TorchServe needs Java 17 or newer on PATH (e.g. apt-get install openjdk-17-jre-headless)" >&2
     exit 1
 fi
+# The browser test drives Debian's Chromium through chromedriver (no browser download at test time).
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+    sudo=""
+    if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; fi
+    if command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" = 0 ] || [ -n "$sudo" ]; }; then
+        apt_install() { $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+                            chromium chromium-driver >/dev/null 2>&1; }
+        apt_install || { $sudo apt-get update -qq >/dev/null 2>&1 && apt_install; } \
+            || echo "bootstrap: could not install chromium chromium-driver; the browser test will fail or be skipped" >&2
+    else
+        echo "bootstrap: /usr/bin/chromium or /usr/bin/chromedriver is missing: the browser test will be skipped" \
+             "(install with: apt-get install chromium chromium-driver)" >&2
+    fi
+fi
 if [ ! -x "$venv/bin/python" ]; then
     python3 -m venv "$venv"
 fi

@@ -18,7 +18,7 @@ import pytest
 
 from .fakes import ready_lines
 
-from unioncam.serve.server import Ports, config_text
+from unioncam.serve.server import Ports, config_text, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,9 +70,10 @@ def test_serve_from_the_wheel(user):
     work = user["work"]
     config = work / "config.properties"
     config.write_text(config_text(Ports.free()))
+    viewer_port = free_port()
     proc = subprocess.Popen(
         [str(user["bin"] / "unioncam"), "serve", "--weights", "random", "--image-size", "32", "--method", "gradcam",
-         "--model-store", "serve-store", "--run-name", "t", "--config", str(config)],
+         "--model-store", "serve-store", "--run-name", "t", "--config", str(config), "--viewer-port", str(viewer_port)],
         cwd=work, env={**user["env"], "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True)
     lines: list[str] = []
@@ -88,6 +89,12 @@ def test_serve_from_the_wheel(user):
         r = requests.post(f"{url}/explanations/unioncam", files={"image": image}, data={"method": "gradcam"},
                           headers=auth, timeout=120)
         assert r.status_code == 200 and r.json()["map"]["shape"] == [32, 32]
+        # The browser page's files are package data of the wheel.
+        viewer = f"http://127.0.0.1:{viewer_port}"
+        assert f"viewer: {viewer}/" in "".join(lines)
+        for name in ("/", "/viewer.js", "/viewer.css"):
+            assert requests.get(viewer + name, timeout=30).status_code == 200, name
+        assert requests.get(viewer + "/api/info", timeout=30).json()["method"] == "gradcam"
         ready = next(x for x in (run / "logs" / "model_log.log").read_text().splitlines()
                      if "unioncam handler ready" in x)
         assert str(ROOT) not in ready, ready  # the worker runs the archived engine, not the checkout

@@ -287,10 +287,10 @@ def _cmd_archive(args: argparse.Namespace) -> int:
     return 0
 
 
-def _busy_ports(ports: Ports) -> list[str]:
+def _busy_ports(ports: Ports | dict[str, int]) -> list[str]:
     """The ports of ``ports`` that something on 127.0.0.1 already holds, as 'NAME PORT'."""
     busy = []
-    for name, port in vars(ports).items():
+    for name, port in (vars(ports) if isinstance(ports, Ports) else ports).items():
         with socket.socket() as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
@@ -313,10 +313,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         ports = Ports(base, base + 1, base + 2, base + 3, base + 4) if base is not None else Ports()
         config_text_ = config_text(ports)
     ports = _ports_of(config_text_)
-    busy = _busy_ports(ports)
+    viewer_port = (args.viewer_port or ports.inference + 10) if args.viewer or args.viewer_port else None
+    busy = _busy_ports(ports) + (_busy_ports({"viewer": viewer_port}) if viewer_port else [])
     if busy:  # before anything else: never rebuild the archive under a running server
         raise RuntimeError(f"port(s) in use on 127.0.0.1: {', '.join(busy)}. Another server may be running "
-                           "(`ls -l runs/current`); stop it, or pass --port BASE to use BASE…BASE+4.")
+                           "(`ls -l runs/current`); stop it, or pass --port BASE to use BASE…BASE+4"
+                           + (" (and --viewer-port PORT)." if viewer_port else "."))
     args.weights = _resolve_weights(args.model, args.weights)
     store = Path(args.model_store)
     mar = store / f"{args.name}.mar"
@@ -342,9 +344,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     # A shell that starts us in the background hands SIGINT down as ignored: Ctrl-C must still work.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    viewer = None
     try:
         server.start(timeout=args.startup_timeout)
         key = server.keys()["inference"]
+        if viewer_port:
+            from .viewer import Viewer, archive_info
+
+            viewer = Viewer(server.url, run_dir / "key_file.json", archive_info(mar, args.name), viewer_port).start()
         cost = settings.cost
         print(f"ready: {server.url}/predictions/{args.name}  {server.url}/explanations/{args.name}\n"
               f"model: {settings.model} (weights {args.weights}), {settings.image_size}², explained layer "
@@ -354,7 +361,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
               f"workers: {settings.workers}, explanations with masked forwards at once: {settings.slots}, "
               f"response timeout: {settings.timeout} s\n"
               f"metrics: {server.metrics_url}/metrics   logs: {server.log_dir}\n"
-              "Ctrl-C stops the server.", flush=True)
+              + (f"viewer: {viewer.url}/  (the browser page; it holds the token, answers only 127.0.0.1)\n"
+                 if viewer else "")
+              + "Ctrl-C stops the server.", flush=True)
         while server.proc is not None and server.proc.poll() is None:
             time.sleep(0.5)
         print(f"torchserve exited with {server.proc.returncode}:\n{server.log_tail(15)}", file=sys.stderr)
@@ -363,6 +372,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print("\nstopping TorchServe …", flush=True)
         return 0
     finally:
+        if viewer is not None:
+            viewer.stop()
         server.stop()
 
 
@@ -449,6 +460,11 @@ def add_parser(subparsers: Any) -> None:
     sv.add_argument("--rebuild", action="store_true",
                     help="rebuild the archive even if present with the same settings (e.g. a changed engine)")
     sv.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for the model")
+    sv.add_argument("--viewer", action="store_true",
+                    help="also serve the browser page (upload an image, compare methods) on 127.0.0.1; it holds "
+                    "the token and forwards to TorchServe")
+    sv.add_argument("--viewer-port", type=int, default=None,
+                    help="the page's port (implies --viewer); default the inference port + 10 (8090)")
     sv.set_defaults(func=_cmd_serve)
     tk = subparsers.add_parser("token", help="renew the key of a running server (keys expire after 60 minutes)",
                                description="Ask the running server for a new key (TorchServe's token API, "

@@ -1,0 +1,214 @@
+"""The viewer page in a real headless browser: ``unioncam serve --viewer`` with a random VGG16 at 32×32,
+driven by Debian's Chromium through selenium and chromedriver (``scripts/bootstrap.sh`` installs them).
+
+Skipped with the reason when Chromium, chromedriver or selenium is missing, unless
+``UNIONCAM_REQUIRE_BROWSER=1`` (CI sets it): then a missing browser fails. ``UNIONCAM_SCREENSHOT=1``
+writes the page with its explanations to ``docs/viewer.png``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from unioncam.serve.server import Ports, config_text, free_port
+
+from .fakes import ready_lines
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+INSTALL = "apt-get install chromium chromium-driver, pip install selenium (./test.sh's set-up does both)"
+#: One masked-forward explanation at 32² takes ~20 s on this project's shared 2-core CPU; the page waits
+#: for a slot for the second one. Generous: a slow machine must not fail the test.
+EXPLAIN_TIMEOUT = 600
+
+pytestmark = [pytest.mark.server, pytest.mark.browser]
+
+
+def _missing() -> str | None:
+    for path in (CHROMIUM, CHROMEDRIVER):
+        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+            return f"{path} is missing"
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed"
+    return None
+
+
+MISSING = _missing()
+if MISSING and os.environ.get("UNIONCAM_REQUIRE_BROWSER") != "1":
+    pytest.skip(f"browser test skipped: {MISSING} ({INSTALL})", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    """``unioncam serve --viewer`` on free ports; yields the page's address and the run's key file."""
+    if MISSING:
+        pytest.fail(f"UNIONCAM_REQUIRE_BROWSER=1 but {MISSING} ({INSTALL})")
+    base = tmp_path_factory.mktemp("viewer")
+    config = base / "config.properties"
+    config.write_text(config_text(Ports.free()))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "unioncam", "serve", "--viewer", "--viewer-port", str(free_port()),
+         "--weights", "random", "--image-size", "32", "--model-store", str(base / "store"),
+         "--runs", str(base / "runs"), "--run-name", "t", "--config", str(config)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=base)
+    try:
+        lines = ready_lines(proc)
+        url = next(x.split()[1] for x in lines if x.startswith("viewer: "))
+        yield {"url": url, "key_file": base / "runs" / "t" / "key_file.json"}
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, "".join(lines) + rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def driver():
+    if MISSING:
+        pytest.fail(f"UNIONCAM_REQUIRE_BROWSER=1 but {MISSING} ({INSTALL})")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    os.environ["SE_OFFLINE"] = "true"  # selenium-manager must never try the network
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,1000",
+                "--disable-dev-shm-usage", "--hide-scrollbars"):
+        options.add_argument(arg)
+    d = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield d
+    d.quit()
+
+
+def _wait(driver, condition, seconds: float, what: str):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    try:
+        return WebDriverWait(driver, seconds, poll_frequency=0.5).until(condition)
+    except Exception as exc:
+        panes = driver.execute_script(
+            "return [...document.querySelectorAll('.pane')].map(p => p.dataset.method + ': ' + p.dataset.state"
+            " + ': ' + p.querySelector('.status').textContent)")
+        errors = driver.execute_script("return document.getElementById('errors').textContent")
+        raise AssertionError(f"timed out waiting for {what}; panes {panes}; errors {errors!r}") from exc
+
+
+# Per canvas: its size and how many distinct colours it holds (a blank one has one).
+CANVAS_STATS = """
+return [...document.querySelectorAll('.pane')].map(p => {
+  const c = p.querySelector('canvas.overlay');
+  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  const colours = new Set();
+  for (let i = 0; i < d.length; i += 4 * 7) colours.add((d[i] << 16) | (d[i + 1] << 8) | d[i + 2]);
+  let sum = 0;
+  for (let i = 0; i < d.length; i += 4) sum = (sum + d[i] * 3 + d[i + 1] * 5 + d[i + 2] * 7) % 1000000007;
+  return {method: p.dataset.method, width: c.width, height: c.height, colours: colours.size, sum,
+          waited: p.dataset.waited === '1', details: p.querySelector('.details').textContent,
+          timings: p.querySelector('.timings').textContent};
+});
+"""
+
+
+def test_upload_explain_side_by_side_then_a_non_image(page, driver, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    driver.get(page["url"])
+    _wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, 'input[name="method"]')) >= 7, 60, "the method list")
+    key = json.loads(page["key_file"].read_text())["inference"]["key"]
+    assert key not in driver.page_source
+    driver.find_element(By.ID, "file").send_keys(str(ROOT / "samples" / "chelsea.png"))
+    _wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "button.prediction")) == 5, 120, "the top-5 predictions")
+    assert driver.execute_script("const i = document.getElementById('preview'); return i.naturalWidth * i.naturalHeight") > 0
+
+    # UnionCAM (the archive's default, checked) and Score-CAM both need the one explanation slot: the
+    # second is told 503 + Retry-After and must wait and retry by itself; Grad-CAM runs beside them.
+    for method in ("gradcam", "scorecam"):
+        driver.find_element(By.CSS_SELECTOR, f'input[name="method"][value="{method}"]').click()
+    checked = driver.execute_script(
+        "return [...document.querySelectorAll('input[name=method]:checked')].map(i => i.value)")
+    assert checked == ["unioncam", "gradcam", "scorecam"]
+    start = time.monotonic()
+    driver.find_elements(By.CSS_SELECTOR, "button.prediction")[1].click()  # explain the second class
+    _wait(driver, lambda d: d.execute_script("return document.querySelectorAll('.pane .status')[0].textContent")
+          .endswith("elapsed"), 30, "an elapsed-time indicator")
+
+    def all_done(d):
+        states = d.execute_script("return [...document.querySelectorAll('.pane')].map(p => p.dataset.state)")
+        assert "error" not in states, d.execute_script("return document.getElementById('errors').textContent")
+        return states == ["done"] * 3
+
+    _wait(driver, all_done, EXPLAIN_TIMEOUT, "three explanations")
+    seconds = time.monotonic() - start
+    stats = {s["method"]: s for s in driver.execute_script(CANVAS_STATS)}
+    assert list(stats) == ["unioncam", "gradcam", "scorecam"]
+    for method, s in stats.items():
+        assert s["width"] > 0 and s["height"] > 0, s
+        assert abs(s["width"] / s["height"] - 451 / 300) < 0.02, s  # chelsea.png's aspect
+        assert s["colours"] > 20, s  # image and map drawn, not a blank canvas
+        assert "ms on the server" in s["timings"], s
+    assert stats["unioncam"]["waited"] or stats["scorecam"]["waited"], "no masked explanation was told to wait"
+    details = stats["unioncam"]["details"]
+    assert "AMS kept the union map" in details or "AMS kept the region map" in details, details
+    for words in ("β_union = ", "β_region = ", "β_denoise = ", "% of the gradient entries", "active"):
+        assert words in details, (words, details)
+    target = driver.execute_script("return document.querySelectorAll('button.prediction')[1].dataset.class")
+    title = driver.find_element(By.CSS_SELECTOR, ".pane .pane-title").text
+    assert f"({target})" in title  # the class that was clicked
+
+    # The page's float16 decoding agrees with numpy's on the same request's answer (through the same proxy).
+    import numpy as np
+    import requests
+
+    r = requests.post(f"{page['url']}api/explanations", headers={"Origin": page["url"].rstrip("/")}, timeout=120,
+                      files={"image": ("chelsea.png", (ROOT / "samples" / "chelsea.png").read_bytes(),
+                                       "application/octet-stream")},
+                      data={"method": "gradcam", "target": target, "theta": "10"})
+    assert r.status_code == 200, r.text
+    m = r.json()["map"]
+    want = np.frombuffer(base64.b64decode(m["data"]), dtype="<f2").astype(np.float64).reshape(m["shape"])
+    got = json.loads(driver.execute_script("return document.querySelector('.pane[data-method=gradcam]')"
+                                           ".dataset.mapStats"))
+    assert [got["h"], got["w"]] == m["shape"] == [32, 32]
+    assert got["min"] == pytest.approx(want.min(), abs=1e-3) and got["max"] == pytest.approx(want.max(), abs=1e-3)
+    assert got["sum"] == pytest.approx(want.sum(), rel=1e-3)
+    assert 0 <= got["min"] < got["max"] <= 1
+
+    # The opacity slider redraws from the kept maps, without a request.
+    driver.execute_script("const o = document.getElementById('opacity'); o.value = 90;"
+                          " o.dispatchEvent(new Event('input'));")
+    after = {s["method"]: s for s in driver.execute_script(CANVAS_STATS)}
+    assert all(after[m]["sum"] != stats[m]["sum"] for m in stats)
+    driver.execute_script("const o = document.getElementById('opacity'); o.value = 50;"
+                          " o.dispatchEvent(new Event('input'));")
+    if os.environ.get("UNIONCAM_SCREENSHOT") == "1":  # the whole page, 1400 px wide
+        chrome, height = driver.execute_script(
+            "return [window.outerHeight - window.innerHeight, document.documentElement.scrollHeight]")
+        driver.set_window_size(1400, chrome + height)
+        driver.save_screenshot(str(ROOT / "docs" / "viewer.png"))
+        driver.set_window_size(1400, 1000)
+    print(f"three explanations side by side in {seconds:.1f} s")
+
+    # A file that is no image: the API's refusal, as a sentence on the page.
+    text = tmp_path / "notes.txt"
+    text.write_text("these are notes, not a picture\n")
+    driver.find_element(By.ID, "file").send_keys(str(text))
+    sentence = "The server refused the image: the image is not an image PIL can read."
+    _wait(driver, lambda d: sentence in d.find_element(By.ID, "errors").text, 120, "the error sentence")
+    assert "It accepts a JPEG, PNG" in driver.find_element(By.ID, "errors").text
+    assert driver.find_elements(By.CSS_SELECTOR, ".pane") == []
+    assert key not in driver.page_source
