@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from unioncam.serve.server import Ports, config_text, free_port
 
@@ -50,19 +51,18 @@ if MISSING and os.environ.get("UNIONCAM_REQUIRE_BROWSER") != "1":
     pytest.skip(f"browser test skipped: {MISSING} ({INSTALL})", allow_module_level=True)
 
 
-@pytest.fixture(scope="module")
-def page(tmp_path_factory):
-    """``unioncam serve --viewer`` on free ports; yields the page's address and the run's key file."""
+def _serve(base: Path, *args: str):
+    """``unioncam serve --viewer ARGS`` on free ports under ``base``; yields the page's address and the run's
+    key file, then stops the server with Ctrl-C (which must end it cleanly)."""
     if MISSING:
         pytest.fail(f"UNIONCAM_REQUIRE_BROWSER=1 but {MISSING} ({INSTALL})")
-    base = tmp_path_factory.mktemp("viewer")
     config = base / "config.properties"
     config.write_text(config_text(Ports.free()))
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "unioncam", "serve", "--viewer", "--viewer-port", str(free_port()),
-         "--weights", "random", "--image-size", "32", "--model-store", str(base / "store"),
-         "--runs", str(base / "runs"), "--run-name", "t", "--config", str(config)],
+        [sys.executable, "-m", "unioncam", "serve", "--viewer", "--viewer-port", str(free_port()), *args,
+         "--model-store", str(base / "store"), "--runs", str(base / "runs"), "--run-name", "t",
+         "--config", str(config)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=base)
     try:
         lines = ready_lines(proc)
@@ -75,6 +75,12 @@ def page(tmp_path_factory):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    """A random VGG16 at 32×32."""
+    yield from _serve(tmp_path_factory.mktemp("viewer"), "--weights", "random", "--image-size", "32")
 
 
 @pytest.fixture(scope="module")
@@ -195,12 +201,6 @@ def test_upload_explain_side_by_side_then_a_non_image(page, driver, tmp_path):
     assert all(after[m]["sum"] != stats[m]["sum"] for m in stats)
     driver.execute_script("const o = document.getElementById('opacity'); o.value = 50;"
                           " o.dispatchEvent(new Event('input'));")
-    if os.environ.get("UNIONCAM_SCREENSHOT") == "1":  # the whole page, 1400 px wide
-        chrome, height = driver.execute_script(
-            "return [window.outerHeight - window.innerHeight, document.documentElement.scrollHeight]")
-        driver.set_window_size(1400, chrome + height)
-        driver.save_screenshot(str(ROOT / "docs" / "viewer.png"))
-        driver.set_window_size(1400, 1000)
     print(f"three explanations side by side in {seconds:.1f} s")
 
     # A file that is no image: the API's refusal, as a sentence on the page.
@@ -212,3 +212,63 @@ def test_upload_explain_side_by_side_then_a_non_image(page, driver, tmp_path):
     assert "It accepts a JPEG, PNG" in driver.find_element(By.ID, "errors").text
     assert driver.find_elements(By.CSS_SELECTOR, ".pane") == []
     assert key not in driver.page_source
+
+
+def _explain_all(driver, methods: tuple[str, ...], seconds: float) -> dict[str, dict]:
+    """Check exactly ``methods``, click "Explain" and wait for every pane; their canvas statistics."""
+    from selenium.webdriver.common.by import By
+
+    for box in driver.find_elements(By.CSS_SELECTOR, 'input[name="method"]'):
+        if box.is_selected() != (box.get_attribute("value") in methods):
+            box.click()
+
+    def all_done(d):
+        states = d.execute_script("return [...document.querySelectorAll('.pane')].map(p => p.dataset.state)")
+        assert "error" not in states, d.execute_script("return document.getElementById('errors').textContent")
+        return states == ["done"] * len(methods)
+
+    driver.find_element(By.ID, "explain").click()
+    _wait(driver, all_done, seconds, f"{len(methods)} explanations")
+    return {s["method"]: s for s in driver.execute_script(CANVAS_STATS)}
+
+
+@pytest.fixture(scope="module")
+def shapes_page(tmp_path_factory):
+    """The ground-truth benchmark's CNN with its shipped (trained) weights at 64×64: maps that mean something."""
+    yield from _serve(tmp_path_factory.mktemp("viewer-shapes"), "--model", "shapes", "--image-size", "64")
+
+
+def test_a_trained_model_other_than_vgg16(shapes_page, driver, tmp_path):
+    """The page serves whatever model the archive holds; with trained weights the maps find the object.
+    ``UNIONCAM_SCREENSHOT=1`` saves this page as the README's ``docs/viewer.png``."""
+    from selenium.webdriver.common.by import By
+
+    from unioncam.eval.groundtruth import make_sample
+
+    sample = make_sample(7, 4, size=256)  # a cross on clutter, drawn at 256² (the server resizes to 64²)
+    path = tmp_path / "cross.png"
+    Image.fromarray((sample.image * 255).round().byte().permute(1, 2, 0).numpy()).save(path)
+    driver.get(shapes_page["url"])
+    _wait(driver, lambda d: "shapes" in d.find_element(By.TAG_NAME, "header").text, 60, "the model's name")
+    driver.find_element(By.ID, "file").send_keys(str(path))
+    _wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "button.prediction")) == 5, 120, "the predictions")
+    first = driver.find_elements(By.CSS_SELECTOR, "button.prediction")[0].text
+    assert first.startswith("cross (") and "%" in first, first
+    stats = _explain_all(driver, ("unioncam", "gradcam", "scorecam"), EXPLAIN_TIMEOUT)
+    for method, st in stats.items():
+        assert st["width"] == st["height"] > 0 and st["colours"] > 20, st
+        assert f"{method}: cross" in driver.find_element(By.CSS_SELECTOR, f'.pane[data-method="{method}"]').text
+    # Where each map is hottest: inside the cross's box (the maps are 64×64, the box is at 256²).
+    x0, y0, x1, y1 = (v / 4 for v in sample.box)
+    for method in stats:
+        got = json.loads(driver.execute_script(
+            f"return document.querySelector('.pane[data-method={method}]').dataset.mapStats"))
+        assert got["max"] > got["min"], (method, got)
+        ay, ax = divmod(got["argmax"], got["w"])
+        assert x0 - 2 <= ax <= x1 + 2 and y0 - 2 <= ay <= y1 + 2, (method, (ax, ay), (x0, y0, x1, y1))
+    if os.environ.get("UNIONCAM_SCREENSHOT") == "1":  # the whole page, 1400 px wide
+        chrome, height = driver.execute_script(
+            "return [window.outerHeight - window.innerHeight, document.documentElement.scrollHeight]")
+        driver.set_window_size(1400, chrome + height)
+        driver.save_screenshot(str(ROOT / "docs" / "viewer.png"))
+        driver.set_window_size(1400, 1000)

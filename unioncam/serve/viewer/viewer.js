@@ -137,6 +137,13 @@
     if (Number.isInteger(x)) return String(x);
     return x !== 0 && Math.abs(x) < 0.5 * 10 ** -d ? x.toPrecision(3) : x.toFixed(d);
   };
+  /** Two numbers with the fewest significant digits (3 to 8) that tell them apart, when they differ. */
+  const fmtPair = (a, b) => {
+    if (typeof a !== "number" || typeof b !== "number" || a === b) return [fmt(a), fmt(b)];
+    let p = 3;
+    while (p < 8 && a.toPrecision(p) === b.toPrecision(p)) p += 1;
+    return p === 3 ? [fmt(a), fmt(b)] : [a.toPrecision(p), b.toPrecision(p)];
+  };
   const wait = (ms, signal) => new Promise((resolve, reject) => {
     const t = setTimeout(resolve, ms);
     signal.addEventListener("abort", () => { clearTimeout(t); reject(new DOMException("aborted", "AbortError")); });
@@ -346,10 +353,15 @@
         pane.result = body;
         const decoded = decodeMap(body.map);
         pane.flat = decoded.values.every((v) => v === decoded.values[0]);
-        let sum = 0, min = Infinity, max = -Infinity;
-        for (const v of decoded.values) { sum += v; min = Math.min(min, v); max = Math.max(max, v); }
-        // What the page read from the map, for anyone checking it against the JSON (the browser test does).
-        pane.node.dataset.mapStats = JSON.stringify({ h: decoded.h, w: decoded.w, sum, min, max });
+        let sum = 0, min = Infinity, max = -Infinity, argmax = 0;
+        decoded.values.forEach((v, i) => {
+          sum += v;
+          min = Math.min(min, v);
+          if (v > max) { max = v; argmax = i; }
+        });
+        // What the page read from the map, for anyone checking it against the JSON (the browser test does);
+        // argmax: the row-major index of the hottest pixel (the first one).
+        pane.node.dataset.mapStats = JSON.stringify({ h: decoded.h, w: decoded.w, sum, min, max, argmax });
         pane.map = mapCanvas(decoded);
         render(pane);
         describe(pane);
@@ -408,11 +420,12 @@
     if (res.method === "unioncam") {
       const p = document.createElement("p");
       p.className = "verdict";
+      // AMS keeps the union map only when its gain is strictly higher (a tie keeps the region map).
+      const [bu, br] = fmtPair(d.beta_union, d.beta_region);
       p.textContent = d.selected === "union"
-        ? `AMS kept the union map: its score gain β_union = ${fmt(d.beta_union)} beat the region map's ` +
-          `β_region = ${fmt(d.beta_region)}.`
-        : `AMS kept the region map: the union map's score gain β_union = ${fmt(d.beta_union)} did not beat ` +
-          `the region map's β_region = ${fmt(d.beta_region)}.`;
+        ? `AMS kept the union map: its score gain β_union = ${bu} beat the region map's β_region = ${br}.`
+        : `AMS kept the region map: the union map's score gain β_union = ${bu} did not beat ` +
+          `the region map's β_region = ${br}${d.beta_union === d.beta_region ? " (a tie keeps the region map)" : ""}.`;
       const q = document.createElement("p");
       q.textContent = `The θ = ${d.theta} threshold removed ${fmt(100 * d.denoised_fraction, 0)} % of the ` +
         `gradient entries (${fmt(100 * d.denoised_positive_fraction, 0)} % of the positive ones); the denoised ` +
