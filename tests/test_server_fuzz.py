@@ -67,7 +67,7 @@ def _random_json(rng: random.Random, depth: int = 0):
 BAD = {
     "image": [None, [], {}, "", "x", 3, 1.5, True, "not base64 !!", B64[: len(B64) // 2], {"b64": 5}],
     "method": ["magiccam", 3, None, [], "", {"a": 1}],
-    "target": ["cat", -1, 1000, 1.5, True, [1], {}, "top2"],
+    "target": ["cat", -1, 1000, 1.5, True, [], [1, 1000], [1] * 11, {}, "top0", "top11", "3,cat", "3,"],
     "theta": [101, -1, "hot", None, True, [], {}, float("nan")],
     "format": ["svg", 3, None, "", []],
 }
