@@ -3,8 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 SIZE = 32
@@ -52,3 +56,35 @@ def ready_lines(proc: subprocess.Popen, seconds: float = 240) -> list[str]:
             break
     assert any(x.startswith("ready:") for x in lines), "".join(lines)
     return lines
+
+
+@dataclass
+class Served:
+    """A running ``unioncam serve``: its start-up ``lines``, and after :meth:`stop` the rest of its output."""
+
+    proc: subprocess.Popen
+    lines: list[str] = field(default_factory=list)
+    rest: str = ""
+
+    def stop(self) -> str:
+        """Ctrl-C (SIGINT, what the terminal sends); the server must end cleanly with 0. Returns its last output."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            self.rest, _ = self.proc.communicate(timeout=60)
+            assert self.proc.returncode == 0, "".join(self.lines) + self.rest
+        return self.rest
+
+
+@contextlib.contextmanager
+def serving(proc: subprocess.Popen, seconds: float = 240) -> Iterator[Served]:
+    """Wait for ``unioncam serve`` (started by ``proc``) to be ready; stop it with Ctrl-C at the end of the
+    block (asserting a clean exit), or kill it if the block failed."""
+    served = Served(proc)
+    try:
+        served.lines = ready_lines(proc, seconds)
+        yield served
+        served.stop()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from .fakes import ready_lines
-
 from unioncam.serve.server import Ports, _ports_of, config_text
+
+from .fakes import serving
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,9 +63,8 @@ def test_serve_builds_runs_and_stops_on_ctrl_c(tmp_path):
          "--run-name", "t", "--config", str(config)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
     run = tmp_path / "runs" / "t"
-    lines: list[str] = []
-    try:
-        lines = ready_lines(proc)
+    with serving(proc) as served:
+        lines = served.lines
         assert (tmp_path / "store" / "unioncam.mar").is_file()
         for sub in ("key_file.json", "config.properties", "torchserve.pid", "logs/model_log.log", "tmp"):
             assert (run / sub).exists(), sub
@@ -99,16 +97,10 @@ def test_serve_builds_runs_and_stops_on_ctrl_c(tmp_path):
         assert second.returncode == 2 and "in use" in second.stderr and "--port" in second.stderr
         assert mar.stat().st_mtime_ns == stamp and not (tmp_path / "runs2").exists()
         ts_pid = int((run / "torchserve.pid").read_text())
-        proc.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal sends
-        rest, _ = proc.communicate(timeout=60)
-        assert proc.returncode == 0, "".join(lines) + rest
+        rest = served.stop()  # Ctrl-C, as in the terminal: a clean exit
         assert "stopping TorchServe" in rest
         with pytest.raises(ProcessLookupError):
             os.killpg(ts_pid, 0)  # the whole TorchServe process group is gone
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_port_sets_every_address_and_a_busy_one_is_named_first(tmp_path, capsys):

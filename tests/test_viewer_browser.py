@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from PIL import Image
 
 from unioncam.serve.server import Ports, config_text, free_port
 
-from .fakes import ready_lines
+from .fakes import serving
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
@@ -64,17 +63,9 @@ def _serve(base: Path, *args: str):
          "--model-store", str(base / "store"), "--runs", str(base / "runs"), "--run-name", "t",
          "--config", str(config)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=base)
-    try:
-        lines = ready_lines(proc)
-        url = next(x.split()[1] for x in lines if x.startswith("viewer: "))
+    with serving(proc) as served:
+        url = next(x.split()[1] for x in served.lines if x.startswith("viewer: "))
         yield {"url": url, "key_file": base / "runs" / "t" / "key_file.json"}
-        proc.send_signal(signal.SIGINT)
-        rest, _ = proc.communicate(timeout=60)
-        assert proc.returncode == 0, "".join(lines) + rest
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module")

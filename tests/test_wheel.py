@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import sysconfig
@@ -16,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from .fakes import ready_lines
-
 from unioncam.serve.server import Ports, config_text, free_port
+
+from .fakes import serving
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,9 +75,8 @@ def test_serve_from_the_wheel(user):
          "--model-store", "serve-store", "--run-name", "t", "--config", str(config), "--viewer-port", str(viewer_port)],
         cwd=work, env={**user["env"], "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True)
-    lines: list[str] = []
-    try:
-        lines = ready_lines(proc)
+    with serving(proc) as served:
+        lines = served.lines
         run = work / "runs" / "t"
         key = json.loads((run / "key_file.json").read_text())["inference"]["key"]
         url = f"http://127.0.0.1:{_inference_port(config)}"
@@ -98,13 +96,6 @@ def test_serve_from_the_wheel(user):
         ready = next(x for x in (run / "logs" / "model_log.log").read_text().splitlines()
                      if "unioncam handler ready" in x)
         assert str(ROOT) not in ready, ready  # the worker runs the archived engine, not the checkout
-        proc.send_signal(signal.SIGINT)
-        rest, _ = proc.communicate(timeout=60)
-        assert proc.returncode == 0, "".join(lines) + rest
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def _inference_port(config: Path) -> int:
