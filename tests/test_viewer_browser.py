@@ -75,7 +75,13 @@ def page(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def driver():
+def downloads(tmp_path_factory):
+    """Where the browser saves the page's downloads."""
+    return tmp_path_factory.mktemp("downloads")
+
+
+@pytest.fixture(scope="module")
+def driver(downloads):
     if MISSING:
         pytest.fail(f"UNIONCAM_REQUIRE_BROWSER=1 but {MISSING} ({INSTALL})")
     from selenium import webdriver
@@ -87,6 +93,8 @@ def driver():
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,1000",
                 "--disable-dev-shm-usage", "--hide-scrollbars"):
         options.add_argument(arg)
+    options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
+                                              "download.prompt_for_download": False})
     d = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     yield d
     d.quit()
@@ -229,7 +237,7 @@ def shapes_page(tmp_path_factory):
     yield from _serve(tmp_path_factory.mktemp("viewer-shapes"), "--model", "shapes", "--image-size", "64")
 
 
-def test_a_trained_model_other_than_vgg16(shapes_page, driver, tmp_path):
+def test_a_trained_model_other_than_vgg16(shapes_page, driver, downloads, tmp_path):
     """The page serves whatever model the archive holds; with trained weights the maps find the object.
     ``UNIONCAM_SCREENSHOT=1`` saves this page as the README's ``docs/viewer.png``."""
     from selenium.webdriver.common.by import By
@@ -263,3 +271,15 @@ def test_a_trained_model_other_than_vgg16(shapes_page, driver, tmp_path):
         driver.set_window_size(1400, chrome + height)
         driver.save_screenshot(str(ROOT / "docs" / "viewer.png"))
         driver.set_window_size(1400, 1000)
+
+    # The pane's downloads: the overlay as a PNG of the drawn canvas, the API's answer as JSON.
+    pane = driver.find_element(By.CSS_SELECTOR, '.pane[data-method="unioncam"]')
+    pane.find_element(By.CSS_SELECTOR, ".download-png").click()
+    pane.find_element(By.CSS_SELECTOR, ".download-json").click()
+    png, js = downloads / "cross.unioncam.png", downloads / "cross.unioncam.json"
+    _wait(driver, lambda d: png.is_file() and js.is_file(), 60, "the two downloads")
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.size == (stats["unioncam"]["width"], stats["unioncam"]["height"])
+    answer = json.loads(js.read_text())
+    assert answer["method"] == "unioncam" and answer["class_name"] == "cross"
+    assert answer["details"]["selected"] in ("union", "region") and answer["map"]["shape"] == [64, 64]
