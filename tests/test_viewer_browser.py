@@ -249,8 +249,17 @@ def test_a_trained_model_other_than_vgg16(shapes_page, driver, downloads, tmp_pa
     Image.fromarray((sample.image * 255).round().byte().permute(1, 2, 0).numpy()).save(path)
     driver.get(shapes_page["url"])
     _wait(driver, lambda d: "shapes" in d.find_element(By.TAG_NAME, "header").text, 60, "the model's name")
-    driver.find_element(By.ID, "file").send_keys(str(path))
+    # Dropped on the page this time (the first test chose its file): a File from a detached input, handed
+    # to the drop zone in a DataTransfer as a drag from the desktop would.
+    driver.execute_script("const i = document.createElement('input'); i.type = 'file'; i.id = 'to-drop';"
+                          " i.style.display = 'none'; document.body.append(i);")
+    driver.find_element(By.ID, "to-drop").send_keys(str(path))
+    driver.execute_script("const t = new DataTransfer(); t.items.add(document.getElementById('to-drop').files[0]);"
+                          " const z = document.getElementById('drop');"
+                          " z.dispatchEvent(new DragEvent('dragover', {dataTransfer: t, bubbles: true, cancelable: true}));"
+                          " z.dispatchEvent(new DragEvent('drop', {dataTransfer: t, bubbles: true, cancelable: true}));")
     _wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "button.prediction")) == 5, 120, "the predictions")
+    assert driver.find_element(By.ID, "file").get_attribute("value") == ""  # not through the file input
     first = driver.find_elements(By.CSS_SELECTOR, "button.prediction")[0].text
     assert first.startswith("cross (") and "%" in first, first
     stats = _explain_all(driver, ("unioncam", "gradcam", "scorecam"), EXPLAIN_TIMEOUT)
