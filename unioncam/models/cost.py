@@ -41,14 +41,13 @@ def meta_model(name: str) -> torch.nn.Module:
     """
     from . import load_model
 
-    weights = "random"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # builders' notes on their initialisation schemes
         try:
             with torch.device("meta"):
-                return load_model(name, weights)
+                return load_model(name, "random")
         except (RuntimeError, NotImplementedError):
-            return load_model(name, weights).to("meta")
+            return load_model(name, "random").to("meta")
 
 
 @functools.lru_cache(maxsize=64)

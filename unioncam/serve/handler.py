@@ -106,12 +106,18 @@ class UnionCAMHandler:
         return explanation_seconds(item.method, self.defaults.image_size, self.device.type, self.gflops,
                                    self.channels, item.targets)
 
-    def _explain(self, item: Item, idx: int) -> dict[str, Any] | list[dict[str, Any]] | bytes:
-        if item.several and get_method(item.method).masked and self._seconds(item) > self.timeout / 2:
+    def _admit(self, item: Item) -> None:
+        """Refuse several classes of a masked method that would take over half the response timeout."""
+        if not (item.several and get_method(item.method).masked):
+            return
+        seconds = self._seconds(item)
+        if seconds > self.timeout / 2:
             raise InvalidInputError(
-                "target", f"asks for {item.targets} {item.method} explanations, about {self._seconds(item):.0f} s "
+                "target", f"asks for {item.targets} {item.method} explanations, about {seconds:.0f} s "
                 f"here, more than half the server's response timeout ({self.timeout} s)",
                 "fewer classes per request, or a gradient method (gradcam, layercam, ...)")
+
+    def _explain(self, item: Item, idx: int) -> dict[str, Any] | list[dict[str, Any]] | bytes:
         start = time.perf_counter()
         # One explanation per call: the map is then the same as unioncam.explain on this image, whatever
         # else shares the batch; masked inputs are already batched inside one explanation. Several classes
@@ -182,6 +188,8 @@ class UnionCAMHandler:
         for idx, req in list(parsed.items()):
             try:
                 if req.explain:
+                    for it in req.items:  # before taking a slot: a refused request holds none
+                        self._admit(it)
                     slow = any(get_method(it.method).masked for it in req.items)
                     with (self.slots.acquire() if slow else contextlib.nullcontext(True)) as free:
                         if not free:

@@ -248,20 +248,19 @@ def _settings(args: argparse.Namespace) -> ArchiveSettings:
                            explain_slots=args.explain_slots)
 
 
-def _resolve_weights(model: str, weights: str | None) -> str:
-    """``None`` → the model's ImageNet weights if their file is cached, else random with a warning (this
-    machine may be offline); for ``shapes`` its shipped weights."""
+def _resolve_weights(model: str, weights: str | None, fallback: bool) -> str:
+    """The weights of ``--weights`` left out: ``shipped`` for ``shapes``; else ``imagenet``, or with
+    ``fallback`` (``serve``) a seeded random model with a warning when the ImageNet file is not cached
+    (this machine may be offline)."""
     if weights is not None:
         return weights
     if model == "shapes":
         return "shipped"
+    if not fallback:
+        return "imagenet"
     import torch
     from torchvision.models import get_model_weights
 
-    from ..models import MODELS
-
-    if model not in MODELS:
-        return "imagenet"  # the archive settings refuse the name with the list of accepted ones
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(get_model_weights(model).DEFAULT.url)
     if cached.is_file():
         return "imagenet"
@@ -272,8 +271,7 @@ def _resolve_weights(model: str, weights: str | None) -> str:
 
 
 def _cmd_archive(args: argparse.Namespace) -> int:
-    if args.weights is None:
-        args.weights = "shipped" if args.model == "shapes" else "imagenet"
+    args.weights = _resolve_weights(args.model, args.weights, fallback=False)
     if args.kserve:
         from .kserve import write_kserve_layout
 
@@ -287,10 +285,10 @@ def _cmd_archive(args: argparse.Namespace) -> int:
     return 0
 
 
-def _busy_ports(ports: Ports | dict[str, int]) -> list[str]:
+def _busy_ports(ports: dict[str, int]) -> list[str]:
     """The ports of ``ports`` that something on 127.0.0.1 already holds, as 'NAME PORT'."""
     busy = []
-    for name, port in (vars(ports) if isinstance(ports, Ports) else ports).items():
+    for name, port in ports.items():
         with socket.socket() as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
@@ -314,12 +312,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         config_text_ = config_text(ports)
     ports = _ports_of(config_text_)
     viewer_port = (args.viewer_port or ports.inference + 10) if args.viewer or args.viewer_port else None
-    busy = _busy_ports(ports) + (_busy_ports({"viewer": viewer_port}) if viewer_port else [])
+    busy = _busy_ports({**vars(ports), **({"viewer": viewer_port} if viewer_port else {})})
     if busy:  # before anything else: never rebuild the archive under a running server
         raise RuntimeError(f"port(s) in use on 127.0.0.1: {', '.join(busy)}. Another server may be running "
                            "(`ls -l runs/current`); stop it, or pass --port BASE to use BASE…BASE+4"
                            + (" (and --viewer-port PORT)." if viewer_port else "."))
-    args.weights = _resolve_weights(args.model, args.weights)
+    args.weights = _resolve_weights(args.model, args.weights, fallback=True)
     store = Path(args.model_store)
     mar = store / f"{args.name}.mar"
     settings = _settings(args)
