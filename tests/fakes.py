@@ -1,9 +1,10 @@
-"""Serving-test helpers: a stand-in for TorchServe's context (the handler in-process), and reading
-``unioncam serve``'s start-up lines."""
+"""Serving-test helpers: a stand-in for TorchServe's context (the handler in-process), a seeded noise PNG,
+and running ``unioncam serve`` until Ctrl-C."""
 
 from __future__ import annotations
 
 import contextlib
+import io
 import signal
 import subprocess
 import time
@@ -12,6 +13,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SIZE = 32
+
+
+def random_png(seed: int = 3, side: int = 40) -> bytes:
+    """A ``side``×``side`` PNG of seeded uniform noise: a valid upload whose bytes never change."""
+    import torch
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    buf = io.BytesIO()
+    Image.fromarray((torch.rand(side, side, 3, generator=g) * 255).byte().numpy()).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 class FakeContext:

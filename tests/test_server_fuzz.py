@@ -8,16 +8,13 @@ they would be alone.
 from __future__ import annotations
 
 import base64
-import io
 import json
 import random
 from pathlib import Path
 
 import pytest
-import torch
-from PIL import Image
 
-from .fakes import FakeContext
+from .fakes import FakeContext, random_png
 
 N_REQUESTS = 2400
 #: Requests per handler call. Large, so that the VGG16 forwards (0.2 s each at 32² on a CPU, most of this
@@ -34,15 +31,7 @@ def handler(tmp_path_factory):
     return h
 
 
-def _png(seed: int = 3, size: int = 40) -> bytes:
-    g = torch.Generator().manual_seed(seed)
-    img = Image.fromarray((torch.rand(size, size, 3, generator=g) * 255).byte().numpy())
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-GOOD = _png()
+GOOD = random_png()
 B64 = base64.b64encode(GOOD).decode()
 
 

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import base64
-import io
 from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 import unioncam
 
-from .fakes import SIZE, FakeContext
+from .fakes import SIZE, FakeContext, random_png
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,15 +24,8 @@ def handler(tmp_path_factory):
     return h
 
 
-def _png() -> bytes:
-    img = Image.fromarray((torch.rand(40, 40, 3, generator=torch.Generator().manual_seed(3)) * 255).byte().numpy())
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def test_one_batch_mixing_kinds_is_answered_per_request(handler, vgg_random):
-    good = _png()
+    good = random_png()
     b64 = base64.b64encode(good).decode()
     data = [
         {"body": good},                                                   # prediction
@@ -61,7 +52,7 @@ def test_one_batch_mixing_kinds_is_answered_per_request(handler, vgg_random):
 
 def test_png_format_returns_bytes(handler):
     ctx = FakeContext(Path("."), [{"explain": "True"}])
-    out = handler.handle([{"image": _png(), "method": b"layercam", "format": b"png"}], ctx)
+    out = handler.handle([{"image": random_png(), "method": b"layercam", "format": b"png"}], ctx)
     assert isinstance(out[0], bytes) and out[0][:8] == b"\x89PNG\r\n\x1a\n"
     assert ctx.content_type[0] == "image/png" and ctx.status == {}
 
@@ -87,7 +78,7 @@ def test_explanations_past_the_slot_limit_get_503_with_retry_after(handler):
     # One slot (the archive's default for 2 workers): while it is held, e.g. by the other worker, a
     # masked-forward explanation is refused at once; predictions and gradient methods are still served.
     ctx = FakeContext(Path("."), [{"explain": "True"}, {"explain": "True"}, {}])
-    rows = [{"image": _png(), "method": b"scorecam"}, {"image": _png(), "method": b"gradcam"}, {"body": _png()}]
+    rows = [{"image": random_png(), "method": b"scorecam"}, {"image": random_png(), "method": b"gradcam"}, {"body": random_png()}]
     with handler.slots.acquire() as held:
         assert held
         out = handler.handle(rows, ctx)

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 import unioncam
 from unioncam.errors import InvalidInputError
@@ -22,18 +21,10 @@ from unioncam.serve import protocol
 from unioncam.serve.archive import ArchiveSettings, build_archive
 from unioncam.serve.limits import explanation_seconds, masked_forwards, response_timeout
 
-from .fakes import FakeContext
+from .fakes import FakeContext, random_png
 
 SIZE = 64
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _png(seed: int = 3, side: int = 80) -> bytes:
-    g = torch.Generator().manual_seed(seed)
-    img = Image.fromarray((torch.rand(side, side, 3, generator=g) * 255).byte().numpy())
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _map(body: dict) -> torch.Tensor:
@@ -121,7 +112,7 @@ def test_bad_targets_are_named(value, words):
 
 def test_png_with_several_classes_is_refused():
     with pytest.raises(InvalidInputError) as err:
-        protocol.parse({"image": _png(), "target": b"top3", "format": b"png"}, True, D)
+        protocol.parse({"image": random_png(side=80), "target": b"top3", "format": b"png"}, True, D)
     assert err.value.field == "format"
 
 
@@ -149,7 +140,7 @@ def handler(tmp_path_factory, settings):
 
 
 def test_handler_serves_resnet18_predictions_and_explanations(handler, resnet):
-    img = _png()
+    img = random_png(side=80)
     px = unioncam.to_pixels(unioncam.decode_image(img), size=SIZE)
     b64 = base64.b64encode(img).decode()
     data = [
@@ -192,7 +183,7 @@ def test_too_many_masked_explanations_for_the_timeout_are_refused(tmp_path, sett
     ctx.model_yaml_config["responseTimeout"] = 1  # estimates: 0.7 s for one, 2.1 s for three
     h.initialize(ctx)
     ctx = FakeContext(Path("."), [{"explain": "True"}] * 2)
-    out = h.handle([{"image": _png(), "target": b"top3"}, {"image": _png(), "target": b"top3",
+    out = h.handle([{"image": random_png(side=80), "target": b"top3"}, {"image": random_png(side=80), "target": b"top3",
                                                            "method": b"gradcam"}], ctx)
     assert ctx.status == {0: 400}
     assert out[0]["error"]["field"] == "target" and "response timeout (1 s)" in out[0]["message"]
@@ -222,7 +213,7 @@ def test_torchserve_serves_a_resnet18_archive(tmp_path):
     try:
         log = (ts.log_dir / "model_log.log").read_text()
         assert "model resnet18" in log, ts.log_tail()
-        img = _png(5)
+        img = random_png(5, 80)
         px = unioncam.to_pixels(unioncam.decode_image(img), size=SIZE)
         r = requests.post(f"{ts.url}/predictions/resnet", headers=ts.headers(), data=img, timeout=120)
         assert r.status_code == 200, r.text
