@@ -17,7 +17,7 @@ from torch import nn
 
 from . import methods as _methods
 from .core.capture import forward_pass, model_device, model_dtype
-from .core.scorer import Scorer, backend_flags, default_batch_size
+from .core.scorer import Scorer, backend_flags, default_batch_size, resolve_precision
 from .errors import InvalidInputError
 from .methods import METHODS, Options
 from .validation import (
@@ -69,7 +69,7 @@ def explain_batch(
     batch_size: int | None = None,
     device: str | torch.device | None = None,
     progress: bool = False,
-    precision: str = "fp32",
+    precision: str = "auto",
     keep_on_device: bool = False,
     top_k: int | None = None,
     reshape: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -116,6 +116,7 @@ def explain_batch(
     # is set before the gradient pass so that every forward of an explanation runs the same kernels.
     model.to(memory_format=torch.channels_last)
     dev, dtype = model_device(model), model_dtype(model)
+    precision = resolve_precision(precision, dev)
     impl = _methods.get(method)
     options = Options(theta=theta)
 
@@ -165,6 +166,7 @@ def _explain_group(model: nn.Module, x: torch.Tensor, targets: list[int | None],
         mine = {k: (v[b] if isinstance(v, list) else v) for k, v in per_image.items()}
         details: dict[str, Any] = {"layer": p.layer, **impl.details(mine, options)}
         details["channels"] = int(p.acts.shape[1])
+        details["precision"] = scorer.precision
         details["seconds"] = elapsed / B
         results.append(Explanation(saliency[b], int(target_l[b]), float(score_l[b]), impl.name, details))
     if not multi:
@@ -186,7 +188,7 @@ def explain(
     batch_size: int | None = None,
     device: str | torch.device | None = None,
     progress: bool = False,
-    precision: str = "fp32",
+    precision: str = "auto",
     top_k: int | None = None,
     reshape: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Explanation | list[Explanation]:
@@ -206,9 +208,12 @@ def explain(
             beyond float rounding).
         device: move the model there first; ``None`` → where the model is.
         progress: show a progress bar over masked forwards.
-        precision: ``"fp32"`` (strict float32, TF32 off on CUDA), ``"tf32"`` (CUDA's TF32 matrix maths),
-            ``"bf16"`` or ``"fp16"`` (autocast dtype of the masked forwards; the gradient pass, the model's
-            head, every softmax and UnionCAM's three β forwards stay float32).
+        precision: ``"auto"`` (the default: ``bf16`` on CUDA and on CPUs with native bf16 instructions,
+            strict ``fp32`` elsewhere; :func:`unioncam.core.resolve_precision`), ``"fp32"`` (strict float32,
+            TF32 off on CUDA), ``"tf32"`` (CUDA's TF32 matrix maths), ``"bf16"`` or ``"fp16"`` (autocast
+            dtype of the masked forwards; the gradient pass, the model's head, every softmax and UnionCAM's
+            three β forwards stay float32, so the selected map is strict fp32's and bf16 maps agree with
+            strict fp32 ones to Pearson ≥ 0.999). ``details["precision"]`` names the one used.
         top_k: explain the ``k`` most probable classes (with ``target=None``): a list of ``k``
             explanations, most probable first.
         reshape: for a layer whose output is not ``[N, C, h, w]`` (a transformer's tokens): a function

@@ -63,7 +63,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .methods import METHODS
-    from .validation import PRECISIONS, methods_arg, theta_arg
+    from .validation import PRECISION_CHOICES, methods_arg, theta_arg
 
     parser = argparse.ArgumentParser(
         prog="unioncam",
@@ -103,9 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="resize images to SIZE×SIZE first (the same option as serve's); default 224")
     ex.add_argument("--batch-size", type=int, default=None,
                     help="masked inputs per forward pass; default 64 on CUDA, on a CPU 8 at 224² and up to 64 for smaller images")
-    ex.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
-                    help="fp32 (strict float32), tf32 (CUDA), or bf16/fp16 for the masked forwards "
-                    "(autocast; scores stay float32); default fp32")
+    ex.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
+                    help="auto (bf16 on CUDA and on CPUs with native bf16, else fp32), fp32 (strict float32), "
+                    "tf32 (CUDA), or bf16/fp16 for the masked forwards (autocast; scores stay float32); default auto")
     ex.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu; default cpu")
     ex.add_argument("--out", default="out", help="output folder; default ./out")
     ex.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the map; default 0.5")

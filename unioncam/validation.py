@@ -19,6 +19,7 @@ from .io import to_pixels
 
 __all__ = [
     "PRECISIONS",
+    "PRECISION_CHOICES",
     "resolve_layer",
     "validate_batch_size",
     "validate_image",
@@ -38,6 +39,10 @@ __all__ = [
 #: every device (TF32 off); ``tf32`` lets CUDA's matrix units round inputs to TF32 (10-bit mantissa).
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "tf32": None, "bf16": torch.bfloat16,
                                             "fp16": torch.float16}
+
+#: What ``precision`` may be: a name of :data:`PRECISIONS`, or ``"auto"`` (the default) — bf16 on CUDA and on
+#: CPUs with native bf16 instructions, strict fp32 elsewhere (:func:`unioncam.core.resolve_precision`).
+PRECISION_CHOICES: tuple[str, ...] = ("auto", *PRECISIONS)
 
 
 def validate_method(method: Any) -> str:
@@ -60,9 +65,10 @@ def validate_theta(theta: Any) -> float:
 
 
 def validate_precision(precision: Any) -> str:
-    """One of :data:`PRECISIONS`, lower-cased."""
-    if not isinstance(precision, str) or precision.lower() not in PRECISIONS:
-        raise InvalidInputError("precision", f"{precision!r} is not a known precision", ", ".join(PRECISIONS))
+    """One of :data:`PRECISION_CHOICES` (``"auto"`` or a name of :data:`PRECISIONS`), lower-cased."""
+    if not isinstance(precision, str) or precision.lower() not in PRECISION_CHOICES:
+        raise InvalidInputError("precision", f"{precision!r} is not a known precision",
+                                ", ".join(PRECISION_CHOICES))
     return precision.lower()
 
 

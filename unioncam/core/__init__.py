@@ -1,7 +1,7 @@
 """What every method shares: the captured forward/backward pass and the chunked scorer."""
 
 from .capture import Pass, black_probs, forward_pass, model_device, model_dtype
-from .scorer import DEFAULT_BATCH_SIZE, PRECISIONS, Scorer, backend_flags, default_batch_size
+from .scorer import DEFAULT_BATCH_SIZE, PRECISIONS, Scorer, backend_flags, default_batch_size, resolve_precision
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -14,4 +14,5 @@ __all__ = [
     "forward_pass",
     "model_device",
     "model_dtype",
+    "resolve_precision",
 ]

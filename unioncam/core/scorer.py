@@ -23,7 +23,7 @@ from ..validation import PRECISIONS, validate_batch_size, validate_precision
 from .capture import model_device, model_dtype
 
 __all__ = ["DEFAULT_BATCH_SIZE", "PRECISIONS", "Scorer", "backend_flags", "cpu_has_native", "default_batch_size",
-           "is_out_of_memory"]
+           "is_out_of_memory", "resolve_precision"]
 
 #: Masked inputs per forward when ``batch_size`` is not given, at 224×224. A GPU needs large batches to fill
 #: up; a CPU is compute-bound at any batch size (VGG16 at 224²: 198–215 ms per image for batches of 1–32 on
@@ -63,6 +63,29 @@ def cpu_has_native(dtype: torch.dtype) -> bool | None:
             flags.update(line.split(":", 1)[-1].split())
             break
     return bool(flags & set(_HALF_FLAGS.get(dtype, ())))
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """The precision an explanation on ``device`` runs at: ``precision`` itself, or for ``"auto"``:
+
+    - CUDA: ``bf16`` where the GPU has bf16 maths (Ampere and newer), else ``fp16``;
+    - a CPU with native bf16 instructions (avx512_bf16, AMX, Arm bf16): ``bf16``;
+    - anything else (a CPU where torch would emulate bf16, MPS, ...): strict ``fp32``.
+
+    Half precision changes only the masked forwards' rounding: the gradient pass, the model's head, every
+    softmax and UnionCAM's β/AMS forwards stay float32, so the selected map is the one strict fp32 selects
+    and bf16 maps agree with strict fp32 ones (Pearson ≥ 0.999 on the benchmarks of
+    ``benchmarks/bench_precision.py``). ``precision="fp32"`` is strict float32 everywhere.
+    """
+    precision = validate_precision(precision)
+    if precision != "auto":
+        return precision
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cpu" and cpu_has_native(torch.bfloat16):
+        return "bf16"
+    return "fp32"
 
 
 def _warn_if_emulated(device: torch.device, dtype: torch.dtype | None) -> None:
@@ -146,7 +169,7 @@ class Scorer:
         model: the classifier, on its device.
         batch_size: inputs per forward; ``None`` → :func:`default_batch_size` of the model's device.
         progress: anything with ``update(n)`` (a tqdm bar), told of every chunk scored.
-        precision: one of :data:`PRECISIONS`.
+        precision: one of :data:`PRECISIONS`, or ``"auto"`` (:func:`resolve_precision` on the model's device).
     """
 
     def __init__(self, model: nn.Module, batch_size: int | None = None, progress: Any = None,
@@ -155,7 +178,7 @@ class Scorer:
         self.device = model_device(model)
         self.batch_size = validate_batch_size(batch_size) or default_batch_size(self.device)
         self.progress = progress
-        self.precision = validate_precision(precision)
+        self.precision = resolve_precision(precision, self.device)
         self.autocast_dtype = PRECISIONS[self.precision]
         _warn_if_emulated(self.device, self.autocast_dtype)
         fused = getattr(model, "forward_normalized", None)

@@ -61,7 +61,7 @@ class ArchiveSettings:
     theta: float = 10.0
     layer: str | None = None
     batch_size: int | None = None  # masked inputs per forward; None: the engine's default for the device
-    precision: str = "fp32"  # dtype of the masked forwards
+    precision: str = "auto"  # dtype of the masked forwards; "auto" is resolved by each worker on its device
     #: Requests TorchServe groups into one handler call. 1: a batch is answered all at once, so a slow
     #: explanation would hold up (and share a timeout with) whatever shares its batch.
     max_batch_size: int = 1

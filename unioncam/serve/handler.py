@@ -22,6 +22,7 @@ import torch
 from .. import __version__
 from ..api import explain
 from ..core.capture import black_probs, model_dtype
+from ..core.scorer import resolve_precision
 from ..errors import InvalidInputError
 from ..methods import get as get_method
 from ..models import load_model
@@ -49,9 +50,10 @@ class UnionCAMHandler:
         cfg = dict((context.model_yaml_config or {}).get("handler", {}) or {})
         self.layer = cfg.get("layer") or None
         self.batch_size = int(cfg["batch_size"]) if cfg.get("batch_size") is not None else None
-        self.precision = validate_precision(cfg.get("precision", "fp32"))
         gpu = props.get("gpu_id")
         self.device = torch.device(f"cuda:{gpu}" if gpu is not None and torch.cuda.is_available() else "cpu")
+        # An archive's "auto" is decided here, on this worker's device; one older than it meant fp32.
+        self.precision = resolve_precision(validate_precision(cfg.get("precision", "fp32")), self.device)
         workers = int((context.model_yaml_config or {}).get("minWorkers", 1) or 1)
         if self.device.type == "cpu" and workers > 1:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))  # the workers share the cores
@@ -89,8 +91,9 @@ class UnionCAMHandler:
         self.initialized = True
         logger.info(
             "unioncam handler ready: engine %s from %s, model %s, weights %s, image %d, method %s, theta %g, "
-            "device %s", __version__, os.path.dirname(os.path.dirname(os.path.dirname(__file__))), name, source,
+            "device %s, precision %s", __version__, os.path.dirname(os.path.dirname(os.path.dirname(__file__))), name, source,
             self.defaults.image_size, self.defaults.method, self.defaults.theta, self.device,
+            self.precision,
         )
 
     # ------------------------------------------------------------------------------------ answering

@@ -397,7 +397,7 @@ def _cmd_token(args: argparse.Namespace) -> int:
 def _add_archive_options(p: argparse.ArgumentParser, archive: bool) -> None:
     from ..methods import METHODS
     from ..models import MODELS
-    from ..validation import PRECISIONS
+    from ..validation import PRECISION_CHOICES
 
     default = ("imagenet (shapes: shipped)" if archive else
                "imagenet if cached, else random with a warning (shapes: shipped)")
@@ -417,9 +417,10 @@ def _add_archive_options(p: argparse.ArgumentParser, archive: bool) -> None:
                    help="explained layer; default the model's (vgg16: features.29, resnet: layer4, README table)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="masked inputs per forward; default the engine's: 64 on CUDA, on a CPU 8 at 224² up to 64 at 32²")
-    p.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
-                   help="fp32 (strict float32), tf32 (CUDA), or bf16/fp16 for the masked forwards "
-                   "(autocast; scores stay float32); default fp32")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
+                   help="auto (bf16 on CUDA and on CPUs with native bf16, else fp32; decided by each worker "
+                   "on its device), fp32 (strict float32), tf32 (CUDA), or bf16/fp16 for the masked forwards "
+                   "(autocast; scores stay float32); default auto")
     p.add_argument("--max-batch-size", type=int, default=1,
                    help="requests per handler call; default 1 (a batch is answered all at once: a slow "
                    "explanation would hold up its batch-mates)")
