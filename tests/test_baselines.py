@@ -78,7 +78,7 @@ def test_groupcam_follows_its_authors_algorithm():
     """Literal Group-CAM (numpy percentile, one forward per group) against the batched one."""
     model = make_tiny_cnn(seed=6, width=32, scale=0.05)  # 64 channels → 32 groups of 2; p ≈ 0.6, not 1
     x = torch.rand(3, 24, 24, generator=torch.Generator().manual_seed(6))
-    res = unioncam.explain(model, x, method="groupcam")
+    res = unioncam.explain(model, x, method="groupcam", precision="fp32")
     acts = {}
 
     def keep(_m, _i, out):

@@ -43,7 +43,8 @@ def test_tiny_cnn_pre_relu_layer_matches_reference(seed):
     x = torch.rand(3, H, W, generator=g)
     theta = [10.0, 0.0, 100.0, 37.5, 10.0, 90.0][seed]
     target = None if seed % 2 == 0 else int(torch.randint(10, (1,), generator=g))
-    fast = unioncam.explain(model, x, target=target, theta=theta, batch_size=[64, 7, 1, 5, 64, 3][seed])
+    fast = unioncam.explain(model, x, target=target, theta=theta, batch_size=[64, 7, 1, 5, 64, 3][seed],
+                            precision="fp32")
     ref = unioncam_reference(model, x, target=target, theta=theta)
     _check(fast, ref)
 
@@ -54,7 +55,7 @@ def test_batch_of_images_matches_reference_image_by_image():
     g = torch.Generator().manual_seed(7)
     xs = [torch.rand(3, 16, 16, generator=g) for _ in range(3)] + [torch.rand(3, 10, 14, generator=g)]
     targets = [None, 3, None, 9]
-    fast = unioncam.explain_batch(model, xs, targets=targets, batch_size=10)
+    fast = unioncam.explain_batch(model, xs, targets=targets, batch_size=10, precision="fp32")
     margins = [_check(f, unioncam_reference(model, x, target=t)) for x, t, f in zip(xs, targets, fast)]
     assert max(margins) > BETA_ROUNDING  # the selection was really compared somewhere
 
@@ -72,9 +73,9 @@ def test_vgg16_64px_matches_reference(vgg_random):
     with torch.no_grad():
         head.weight.mul_(256)
     try:
-        fast = unioncam.explain(vgg_random, x)
+        fast = unioncam.explain(vgg_random, x, precision="fp32")
         ref = unioncam_reference(vgg_random, x)
-        region = unioncam.explain(vgg_random, x, method="scorecam").saliency
+        region = unioncam.explain(vgg_random, x, method="scorecam", precision="fp32").saliency
     finally:
         with torch.no_grad():
             head.weight.div_(256)

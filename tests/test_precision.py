@@ -36,7 +36,41 @@ def test_bad_precision_is_named():
     for bad in ("fp8", "float32", None, 16):
         with pytest.raises(unioncam.InvalidInputError) as err:
             unioncam.explain(model, x, precision=bad)
-        assert err.value.field == "precision" and "bf16" in str(err.value)
+        assert err.value.field == "precision" and "bf16" in str(err.value) and "auto" in str(err.value)
+
+
+@pytest.mark.parametrize("native,expected", [(True, "bf16"), (False, "fp32"), (None, "fp32")])
+def test_auto_precision_is_bf16_only_on_a_cpu_with_bf16_instructions(monkeypatch, native, expected):
+    from unioncam.core import scorer
+
+    monkeypatch.setattr(scorer, "cpu_has_native", lambda dtype: native if dtype == torch.bfloat16 else False)
+    assert scorer.resolve_precision("auto", "cpu") == expected
+    assert scorer.resolve_precision("AUTO", torch.device("cpu")) == expected
+    for name in ("fp32", "tf32", "bf16", "fp16"):  # a named precision is never changed
+        assert scorer.resolve_precision(name, "cpu") == name
+    assert scorer.resolve_precision("auto", "meta") == "fp32"  # neither CUDA nor a CPU: strict fp32
+    model = make_tiny_cnn(seed=3)
+    x = torch.rand(3, 16, 16)
+    seen = []
+    handle = model.conv2.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    try:
+        default = unioncam.explain(model, x, method="scorecam")  # "auto" is the default
+    finally:
+        handle.remove()
+    assert default.details["precision"] == expected
+    # The masked forwards (after the float32 gradient pass) ran in bf16 exactly when "auto" chose it.
+    assert (torch.bfloat16 in seen[1:]) == (expected == "bf16") and set(seen) <= {torch.float32, torch.bfloat16}
+    same = unioncam.explain(model, x, method="scorecam", precision=expected)
+    assert torch.equal(default.saliency, same.saliency)
+    assert unioncam.explain(model, x, method="gradcam", precision="fp32").details["precision"] == "fp32"
+
+
+def test_auto_precision_on_cuda_is_bf16_where_the_gpu_has_it(monkeypatch):
+    from unioncam.core import scorer
+
+    for supported, expected in ((True, "bf16"), (False, "fp16")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, s=supported, **k: s)
+        assert scorer.resolve_precision("auto", "cuda:0") == expected
 
 
 @pytest.mark.parametrize("precision,dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16),
