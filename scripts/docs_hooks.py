@@ -14,7 +14,7 @@ import posixpath
 import re
 from pathlib import Path
 
-from mkdocs.structure.files import File
+from mkdocs.structure.files import File, InclusionLevel
 
 log = logging.getLogger("mkdocs.plugins.unioncam_docs")
 
@@ -53,7 +53,10 @@ def on_files(files, config):
             except ValueError:
                 continue
             seen.add(path)
-            files.append(File.generated(config, f"repo/{rel}", abs_src_path=str(path)))
+            copy = File.generated(config, f"repo/{rel}", abs_src_path=str(path))
+            if copy.is_documentation_page():  # a Markdown file of the repository: a page outside the nav
+                copy.inclusion = InclusionLevel.NOT_IN_NAV
+            files.append(copy)
     return files
 
 
