@@ -98,6 +98,10 @@ def test_docs_build_strict_and_cover_the_api(tmp_path):
     assert not missing, f"docs/api.md does not document {missing}"
     for page in PAGES[1:]:
         assert (site / (page.stem if page.stem != "index" else "") / "index.html").is_file(), page
+    # The site loads nothing from the network (no web fonts, no CDN): it builds and reads offline.
+    external = {m for html in site.rglob("*.html")
+                for m in re.findall(r'<(?:link|script)[^>]*(?:href|src)="(https?://[^"]*)"', html.read_text("utf-8"))}
+    assert not external, f"pages load {sorted(external)}"
 
 
 def test_docs_examples_are_run_or_say_why_not():
