@@ -75,7 +75,8 @@ def on_page_markdown(markdown, page, config, files):
             log.warning("%s links to %s, outside the repository", page.file.src_uri, m.group(2))
             return m.group(0)
         if not path.is_file():
-            log.warning("%s links to %s, which is not a file of the repository", page.file.src_uri, m.group(2))
+            log.warning("%s links to %s, which is not a file of the repository",
+                        page.file.src_uri, m.group(2))
             return m.group(0)
         new = posixpath.relpath(f"repo/{rel}", page_dir or ".")
         return f"{m.group(1)}{new}{m.group(3)}"

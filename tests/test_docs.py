@@ -99,8 +99,8 @@ def test_docs_build_strict_and_cover_the_api(tmp_path):
     for page in PAGES[1:]:
         assert (site / (page.stem if page.stem != "index" else "") / "index.html").is_file(), page
     # The site loads nothing from the network (no web fonts, no CDN): it builds and reads offline.
-    external = {m for html in site.rglob("*.html")
-                for m in re.findall(r'<(?:link|script)[^>]*(?:href|src)="(https?://[^"]*)"', html.read_text("utf-8"))}
+    resource = re.compile(r'<(?:link|script)[^>]*(?:href|src)="(https?://[^"]*)"')
+    external = {m for html in site.rglob("*.html") for m in resource.findall(html.read_text("utf-8"))}
     assert not external, f"pages load {sorted(external)}"
 
 
@@ -120,8 +120,9 @@ def test_docs_examples_are_run_or_say_why_not():
 
 def _env() -> dict[str, str]:
     bindir = str(Path(sys.executable).parent)
-    return {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}", "TRITON_INTERPRET": "1",
-            "MPLBACKEND": "Agg", "NO_MKDOCS_2_WARNING": "1"}
+    path = f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {**os.environ, "PATH": path, "TRITON_INTERPRET": "1", "MPLBACKEND": "Agg",
+            "NO_MKDOCS_2_WARNING": "1"}
 
 
 @pytest.fixture(scope="session")
@@ -149,8 +150,8 @@ def docs_server(scratch):
     ports = Ports.free()
     config = scratch / "docs-server.properties"
     config.write_text(config_text(ports))
-    cmd = [sys.executable, "-m", "unioncam", "serve", "--model", "shapes", "--image-size", "64", "--workers", "1",
-           "--config", str(config), "--runs", "runs", "--model-store", "model_store"]
+    cmd = [sys.executable, "-m", "unioncam", "serve", "--model", "shapes", "--image-size", "64",
+           "--workers", "1", "--config", str(config), "--runs", "runs", "--model-store", "model_store"]
     proc = subprocess.Popen(cmd, cwd=scratch, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     lines: list[str] = []
@@ -169,7 +170,8 @@ def docs_server(scratch):
             proc.kill()
             pytest.fail("unioncam serve did not start:\n" + "".join(lines[-40:]))
     try:
-        yield DocsServer(proc, {"8080": ports.inference, "8081": ports.management, "8082": ports.metrics}, lines)
+        by_default = {"8080": ports.inference, "8081": ports.management, "8082": ports.metrics}
+        yield DocsServer(proc, by_default, lines)
     finally:
         proc.send_signal(signal.SIGTERM)  # unioncam serve stops TorchServe and its workers
         try:
@@ -201,12 +203,13 @@ def test_docs_examples_run(page, scratch, request):
                      for b in shell]
         r = subprocess.run(["bash", "-c", _script(shell, "set -eo pipefail", "#")], cwd=scratch, env=_env(),
                            capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, f"shell examples of {page.name} failed ({r.returncode}):\n{r.stdout[-3000:]}\n" \
-                                  f"{r.stderr[-3000:]}"
+        assert r.returncode == 0, \
+            f"shell examples of {page.name} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     if python:
         script = scratch / f".examples-{page.stem}.py"
         script.write_text(_script(python, "", "#"))
-        r = subprocess.run([sys.executable, str(script)], cwd=scratch, env=_env(), capture_output=True, text=True,
-                           timeout=600)
-        assert r.returncode == 0, f"Python examples of {page.name} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+        r = subprocess.run([sys.executable, str(script)], cwd=scratch, env=_env(), capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0, \
+            f"Python examples of {page.name} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
 
