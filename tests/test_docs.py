@@ -102,6 +102,19 @@ def test_docs_build_strict_and_cover_the_api(tmp_path):
     resource = re.compile(r'<(?:link|script)[^>]*(?:href|src)="(https?://[^"]*)"')
     external = {m for html in site.rglob("*.html") for m in resource.findall(html.read_text("utf-8"))}
     assert not external, f"pages load {sorted(external)}"
+    # README.md is not part of the site: its links are checked here (files, and anchors into the pages).
+    broken = []
+    for target, anchor in re.findall(r"\]\(([^)\s#]*)(?:#([^)\s]*))?\)", (ROOT / "README.md").read_text("utf-8")):
+        if re.match(r"[a-z]+:", target):
+            continue
+        path = ROOT / target if target else ROOT / "README.md"
+        if not path.exists():
+            broken.append(target)
+        elif anchor and path.parent == ROOT / "docs" and path.suffix == ".md":
+            html = site / ("" if path.stem == "index" else path.stem) / "index.html"
+            if f'id="{anchor}"' not in html.read_text("utf-8"):
+                broken.append(f"{target}#{anchor}")
+    assert not broken, f"README.md links to {broken}"
 
 
 def test_docs_examples_are_run_or_say_why_not():
