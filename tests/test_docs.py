@@ -104,7 +104,8 @@ def test_docs_build_strict_and_cover_the_api(tmp_path):
     assert not external, f"pages load {sorted(external)}"
     # README.md is not part of the site: its links are checked here (files, and anchors into the pages).
     broken = []
-    for target, anchor in re.findall(r"\]\(([^)\s#]*)(?:#([^)\s]*))?\)", (ROOT / "README.md").read_text("utf-8")):
+    link = re.compile(r"\]\(([^)\s#]*)(?:#([^)\s]*))?\)")
+    for target, anchor in link.findall((ROOT / "README.md").read_text("utf-8")):
         if re.match(r"[a-z]+:", target):
             continue
         path = ROOT / target if target else ROOT / "README.md"
