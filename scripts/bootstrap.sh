@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv (if missing) and installs the project with its test and serving extras into it.
+# Creates .venv (if missing) and installs the project with its test, serving and docs extras into it.
 # Idempotent: a second run only checks. Sourced by ./serve.sh, ./test.sh and .ci/run.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -28,7 +28,7 @@ fi
 stamp="$venv/.unioncam-installed"
 if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
     # torch and torchvision resolve together from the registry (CUDA builds; they also run on CPU).
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$root[test,serve]"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$root[test,serve,docs]"
     touch "$stamp"
 fi
 export PATH="$venv/bin:$PATH"

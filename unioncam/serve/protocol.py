@@ -318,7 +318,12 @@ def predictions_body(probs: torch.Tensor, categories: list[str], k: int = 5) -> 
 
 
 def explanation_body(res: Any, category: str, timings: dict[str, float]) -> dict[str, Any]:
-    """An :class:`~unioncam.Explanation` as JSON: the map as base64 float16, row-major ``[H, W]``."""
+    """An :class:`~unioncam.Explanation` as JSON.
+
+    The map is an object ``{"dtype": "float16", "byteorder": sys.byteorder, "shape": [H, W], "data": <base64
+    of the row-major values>}``; the other fields are ``class``, ``class_name``, ``score``, ``method``,
+    ``details`` and ``timings``.
+    """
     data = base64.b64encode(res.saliency.to(torch.float16).numpy().tobytes()).decode("ascii")
     return {
         "class": res.target,
