@@ -158,8 +158,16 @@
       state.info = info;
       const size = info.image_size ? `images resized to ${info.image_size}×${info.image_size}` : "";
       const model = info.architecture ? `model ${info.model} (${info.architecture})` : `model ${info.model}`;
-      $("model-info").textContent = [model, size, `default ${info.method}, θ = ${info.theta}`]
+      const weights = info.weights ? `weights ${info.weights}` : "";
+      $("model-info").textContent = [model, weights, size, `default ${info.method}, θ = ${info.theta}`]
         .filter(Boolean).join(" · ");
+      const random = typeof info.weights === "string" && info.weights.startsWith("random");
+      $("weights-warning").hidden = !random;
+      if (random) {
+        $("weights-warning").textContent = `The served ${info.architecture || "model"} has RANDOM weights ` +
+          `(${info.weights}): its classes and maps mean nothing. Restart the server without --weights ` +
+          "for trained ones.";
+      }
       const box = $("methods");
       box.replaceChildren();
       for (const m of info.methods) {
