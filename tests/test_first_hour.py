@@ -210,3 +210,58 @@ def test_each_explanation_names_its_weights(tmp_path):
     h.initialize(ctx)
     out = h.handle([{"image": random_png(), "method": b"gradcam"}], ctx)
     assert out[0]["details"]["weights"] == "random (seed 2)"
+
+
+@pytest.mark.server
+def test_serve_with_nothing_named_serves_the_shapes_cnn_and_its_map_is_on_the_shape(tmp_path):
+    """The try-out offline: ``unioncam serve`` (what ./serve.sh runs) without --model/--weights."""
+    import base64
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import requests
+
+    from unioncam.eval.groundtruth import make_sample
+    from unioncam.serve.server import Ports, config_text, free_port
+
+    from .fakes import serving
+
+    config = tmp_path / "config.properties"
+    config.write_text(config_text(Ports.free()))
+    viewer_port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", TORCH_HOME=str(tmp_path / "torch"),
+               TMPDIR=str(tmp_path))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "unioncam", "serve", "--model-store", str(tmp_path / "store"), "--runs",
+         str(tmp_path / "runs"), "--run-name", "t", "--config", str(config), "--viewer-port", str(viewer_port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    with serving(proc) as served:
+        text = "".join(served.lines)
+        assert "using the trained shapes CNN" in text and "--model vgg16" in text
+        assert "model: shapes (weights shipped), 64²" in text and "RANDOM" not in text
+        assert "try: curl" in text and "samples/shapes/cross.png" in text
+        key = json.loads((tmp_path / "runs" / "t" / "key_file.json").read_text())["inference"]["key"]
+        url = f"http://127.0.0.1:{_inference_port(config)}/explanations/unioncam"
+        r = requests.post(url, data=(SAMPLES / "cross.png").read_bytes(), headers={"Authorization": f"Bearer {key}"},
+                          timeout=120)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["class_name"] == "cross" and body["details"]["weights"] == "shipped"
+        m = body["map"]
+        sal = torch.frombuffer(bytearray(base64.b64decode(m["data"])), dtype=torch.float16).reshape(m["shape"])
+        import runpy
+
+        index = runpy.run_path(str(SAMPLES / "make_samples.py"))["first_of_each_class"]()
+        mask = make_sample(1, index["cross"], 64).mask
+        assert mask.flatten()[sal.float().flatten().argmax()]  # the hottest pixel is on the cross
+        assert body["timings"]["explain_ms"] < 30_000
+        info = requests.get(f"http://127.0.0.1:{viewer_port}/api/info", timeout=30).json()
+        assert (info["architecture"], info["weights"], info["image_size"]) == ("shapes", "shipped", 64)
+
+
+def _inference_port(config: Path) -> int:
+    from unioncam.serve.server import _ports_of
+
+    return _ports_of(config.read_text()).inference

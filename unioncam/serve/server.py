@@ -294,7 +294,7 @@ def _expiry(run_dir: Path, api: str = "inference") -> str:
 
 def _try_line(url: str, name: str, key: str, model: str) -> str:
     """A first request to copy, with a shipped sample image when this folder has one ('' otherwise)."""
-    sample = Path("samples/shapes/disk.png") if model == "shapes" else Path("samples/chelsea.png")
+    sample = Path("samples/shapes/cross.png") if model == "shapes" else Path("samples/chelsea.png")
     if not sample.is_file():
         return ""
     return (f"try: curl -s -H 'Authorization: Bearer {key}' -T {sample} {url}/explanations/{name}"

@@ -188,6 +188,10 @@
       }
       $("theta").value = info.theta;
       $("theta-value").textContent = info.theta;
+      if (info.architecture === "shapes" && !state.file) {
+        $("results-hint").textContent = "Choose an image: samples/shapes/*.png in the project folder are " +
+          "shapes this model knows (disk, square, triangle, cross, ring). Then a class, or “Explain”.";
+      }
     } catch (e) {
       $("model-info").textContent = "";
       showError(`The viewer could not read the server's settings (${e.message}). Is \`unioncam serve --viewer\` still running?`);
