@@ -130,7 +130,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--method", type=methods_arg, default="all", help="methods, comma-separated, or 'all' (default)")
     p.add_argument("--model", default=None, help=MODEL_HELP.format(factory=" or package.module:factory"))
     p.add_argument("--weights", default=None, help=WEIGHTS_HELP)
-    p.add_argument("--weights-seed", "--seed", dest="weights_seed", type=int, default=0,
+    p.add_argument("--weights-seed", dest="weights_seed", type=int, default=0,
                    help="seed of --weights random; default 0")
     p.add_argument("--image-size", "--size", dest="size", type=positive_int_arg, default=None,
                    help="image side; default the model's own: 64 for shapes, else 224")
