@@ -76,7 +76,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .methods import METHODS
     from .models.defaults import MODEL_HELP, WEIGHTS_HELP
-    from .validation import PRECISION_CHOICES, methods_arg, positive_int_arg, targets_arg, theta_arg
+    from .validation import (PRECISION_CHOICES, cmap_arg, methods_arg, opacity_arg, positive_int_arg, targets_arg,
+                             theta_arg)
 
     parser = argparse.ArgumentParser(
         prog="unioncam",
@@ -116,8 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "tf32 (CUDA), or bf16/fp16 for the masked forwards (autocast; scores stay float32); default auto")
     ex.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu; default cpu")
     ex.add_argument("--out", default="out", help="output folder; default ./out")
-    ex.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the map; default 0.5")
-    ex.add_argument("--cmap", default="jet", help="matplotlib colormap of the overlay; default jet")
+    ex.add_argument("--alpha", type=opacity_arg, default=0.5, help="overlay opacity of the map; default 0.5")
+    ex.add_argument("--cmap", type=cmap_arg, default="jet", help="matplotlib colormap of the overlay; default jet")
     ex.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     ex.set_defaults(func=_cmd_explain)
     for mod in _PLUGIN_MODULES:

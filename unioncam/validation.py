@@ -260,3 +260,28 @@ def positive_int_arg(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value}; accepted: an integer ≥ 1")
     return value
+
+
+def opacity_arg(text: str) -> float:
+    """``--alpha``: an opacity in ``[0, 1]``."""
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r}; accepted: a number in [0, 1] (0: the image only, 1: the map only)")
+    return value
+
+
+def cmap_arg(text: str) -> str:
+    """``--cmap``: the name of a matplotlib colormap."""
+    import argparse
+
+    import matplotlib
+
+    if text not in matplotlib.colormaps:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a matplotlib colormap; accepted: e.g. jet, viridis, "
+                                         "inferno, turbo (matplotlib.colormaps)")
+    return text
