@@ -533,7 +533,10 @@ def write_tables(summary: dict[str, Any], out: Path) -> None:
 def _cmd(args: argparse.Namespace) -> int:
     from ..models.defaults import resolve_args
 
+    given = args.weights
     resolve_args(args, "evaluate")
+    if given is None and args.weights in ("imagenet", "shipped"):
+        args.weights = None  # the model's default weights, recorded as before: earlier runs' rows still match
     names = {f.name for f in dataclasses.fields(EvalSettings)}
     options = {k: v for k, v in vars(args).items() if k in names}
     options["method"] = tuple(options["method"])
