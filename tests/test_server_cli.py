@@ -75,6 +75,8 @@ def test_serve_builds_runs_and_stops_on_ctrl_c(tmp_path):
         assert r.status_code == 200 and len(r.json()["predictions"]) == 5
         assert (tmp_path / "runs" / "current").resolve() == run.resolve()  # the stable pointer
         assert any("expires" in x and "unioncam token" in x for x in lines)
+        assert any(x.startswith("model: vgg16 (weights random (seed 0))") for x in lines)
+        assert any("RANDOM weights (seed 0)" in x and "mean nothing" in x for x in lines)
         # Renew the key while it runs: the new one works, the old one no longer does.
         env_cli = dict(env)
         out = subprocess.run([sys.executable, "-m", "unioncam", "token", "--runs", str(tmp_path / "runs")],

@@ -136,6 +136,10 @@ def test_upload_explain_side_by_side_then_a_non_image(page, driver, tmp_path):
     _wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, 'input[name="method"]')) >= 7, 60, "the method list")
     key = json.loads(page["key_file"].read_text())["inference"]["key"]
     assert key not in driver.page_source
+    # Random weights are said where a user looks: the header and a warning under it.
+    assert "weights random (seed 0)" in driver.find_element(By.ID, "model-info").text
+    warning = driver.find_element(By.ID, "weights-warning")
+    assert warning.is_displayed() and "RANDOM" in warning.text and "mean nothing" in warning.text
     driver.find_element(By.ID, "file").send_keys(str(ROOT / "samples" / "chelsea.png"))
     _wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "button.prediction")) == 5, 120, "the top-5 predictions")
     assert driver.execute_script("const i = document.getElementById('preview'); return i.naturalWidth * i.naturalHeight") > 0
@@ -249,6 +253,9 @@ def test_a_trained_model_other_than_vgg16(shapes_page, driver, downloads, tmp_pa
     Image.fromarray((sample.image * 255).round().byte().permute(1, 2, 0).numpy()).save(path)
     driver.get(shapes_page["url"])
     _wait(driver, lambda d: "shapes" in d.find_element(By.TAG_NAME, "header").text, 60, "the model's name")
+    assert "weights shipped" in driver.find_element(By.ID, "model-info").text
+    assert not driver.find_element(By.ID, "weights-warning").is_displayed()
+    assert "samples/shapes" in driver.find_element(By.ID, "results-hint").text
     # Dropped on the page this time (the first test chose its file): a File from a detached input, handed
     # to the drop zone in a DataTransfer as a drag from the desktop would.
     driver.execute_script("const i = document.createElement('input'); i.type = 'file'; i.id = 'to-drop';"

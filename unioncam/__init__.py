@@ -1,11 +1,11 @@
 """UnionCAM (Hu et al. 2024) and the classic CAM baselines, batched and exact.
 
-Quick start::
+Quick start, offline, on the trained shapes CNN that ships in the package (docs/getting-started.md)::
 
     import unioncam
-    model = unioncam.load_vgg16("imagenet")          # or "random", or a state-dict path
-    img = unioncam.load_image("samples/chelsea.png")  # float [3, 224, 224] in [0, 1]
-    res = unioncam.explain(model, img)                # method="unioncam"
+    model = unioncam.load_model("shapes")            # or "vgg16" (ImageNet weights), "resnet50", …
+    img = unioncam.load_image("samples/shapes/cross.png", size=64)  # float [3, 64, 64] in [0, 1]
+    res = unioncam.explain(model, img, progress=True)  # method="unioncam", the predicted class
     res.saliency, res.target, res.score, res.details
 
 Layers, imports one way: ``kernels`` → ``core`` (capture, scorer) → ``methods`` → ``api`` → ``eval``,

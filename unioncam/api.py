@@ -135,14 +135,37 @@ def explain_batch(
             for size, idx in groups.items():
                 scorer.batch_size = batch_size or default_batch_size(dev, size)
                 x = torch.stack([pixels[i] for i in idx]).to(dev, dtype)
-                group = _explain_group(model, x, [targets[i] for i in idx], impl, options, layer_ref, scorer,
-                                       keep_on_device, reshape, top_k, multi)
+                try:
+                    group = _explain_group(model, x, [targets[i] for i in idx], impl, options, layer_ref,
+                                           scorer, keep_on_device, reshape, top_k, multi)
+                except (RuntimeError, ValueError, AssertionError) as exc:
+                    if isinstance(exc, InvalidInputError):
+                        raise
+                    # Only on failure (a meta forward of a large model costs ~0.1 s): was the image too small?
+                    _refuse_too_small(model, size, f"images[{idx[0]}]" if len(images) > 1 else "image", exc)
+                    raise
                 for i, res in zip(idx, group):
                     results[i] = res
     finally:
         if bar is not None:
             bar.close()
     return results  # type: ignore[return-value]
+
+
+def _refuse_too_small(model: nn.Module, size: tuple[int, int], name: str, exc: Exception) -> None:
+    """Raise :class:`InvalidInputError` naming the smallest size ``model`` takes when ``size`` is below it
+    (the cause of ``exc``); return when the size is not the problem."""
+    from .models.cost import fits, smallest_side
+
+    if fits(model, size):
+        return
+    side = smallest_side(model)
+    if side is None or min(size) >= side:
+        return  # the model does not run on the meta device, or fails there for another reason
+    raise InvalidInputError(
+        name, f"is {size[0]}×{size[1]}, too small for this model ({type(exc).__name__}: {str(exc)[:120]})",
+        f"at least {side}×{side}, the smallest this model takes (resize it: --image-size {side} or more, "
+        f"or load_image(path, size=...))") from exc
 
 
 def _explain_group(model: nn.Module, x: torch.Tensor, targets: list[int | None], impl: _methods.Method,

@@ -219,3 +219,69 @@ def theta_arg(text: str) -> float:
         return validate_theta(value)
     except InvalidInputError as exc:
         raise argparse.ArgumentTypeError(f"{exc.problem}; accepted: {exc.accepted}") from None
+
+
+def targets_arg(text: str) -> int | list[int]:
+    """``--target``: a class index, or a comma-separated list of them (one explanation per class)."""
+    import argparse
+
+    parts = [t.strip() for t in text.split(",")]
+    try:
+        values = [int(t) for t in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a class index; accepted: an integer ≥ 0 or a "
+                                         "comma-separated list of them, e.g. 281,285") from None
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r} has a negative class; accepted: integers ≥ 0")
+    return values[0] if len(values) == 1 else values
+
+
+def port_arg(text: str) -> int:
+    """A TCP port: an integer in ``[1, 65535]``."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number; accepted: an integer in [1, 65535]") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a TCP port; accepted: an integer in [1, 65535]")
+    return value
+
+
+def positive_int_arg(text: str) -> int:
+    """An integer ≥ 1."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; accepted: an integer ≥ 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}; accepted: an integer ≥ 1")
+    return value
+
+
+def opacity_arg(text: str) -> float:
+    """``--alpha``: an opacity in ``[0, 1]``."""
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r}; accepted: a number in [0, 1] (0: the image only, 1: the map only)")
+    return value
+
+
+def cmap_arg(text: str) -> str:
+    """``--cmap``: the name of a matplotlib colormap."""
+    import argparse
+
+    import matplotlib
+
+    if text not in matplotlib.colormaps:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a matplotlib colormap; accepted: e.g. jet, viridis, "
+                                         "inferno, turbo (matplotlib.colormaps)")
+    return text

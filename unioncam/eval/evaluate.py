@@ -531,6 +531,12 @@ def write_tables(summary: dict[str, Any], out: Path) -> None:
 
 
 def _cmd(args: argparse.Namespace) -> int:
+    from ..models.defaults import resolve_args
+
+    given = args.weights
+    resolve_args(args, "evaluate")
+    if given is None and args.weights in ("imagenet", "shipped"):
+        args.weights = None  # the model's default weights, recorded as before: earlier runs' rows still match
     names = {f.name for f in dataclasses.fields(EvalSettings)}
     options = {k: v for k, v in vars(args).items() if k in names}
     options["method"] = tuple(options["method"])
@@ -542,7 +548,8 @@ def _cmd(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: Any) -> None:
     """Register ``unioncam evaluate``."""
-    from ..validation import methods_arg, theta_arg
+    from ..models.defaults import MODEL_HELP, WEIGHTS_HELP
+    from ..validation import methods_arg, positive_int_arg, theta_arg
 
     p = subparsers.add_parser(
         "evaluate",
@@ -557,21 +564,15 @@ def add_parser(subparsers: Any) -> None:
         default=["unioncam", "gradcam"],
         help="comma-separated methods or 'all'; default unioncam,gradcam",
     )
-    p.add_argument(
-        "--model",
-        default="vgg16",
-        help="vgg16 (default), shapes (the ground-truth benchmark's CNN), any torchvision classifier by name (resnet50, densenet121, convnext_tiny, vit_b_16, swin_t, …) or package.module:factory",
-    )
-    p.add_argument(
-        "--weights",
-        default=None,
-        help="imagenet (default: torchvision's weights, from the torch hub cache or downloaded), a torchvision weights name (e.g. IMAGENET1K_V2), random (seeded) or a path to a state dict of that architecture; shapes: a path (default: the committed weights)",
-    )
+    p.add_argument("--model", default=None, help=MODEL_HELP.format(factory=" or package.module:factory"))
+    p.add_argument("--weights", default=None, help=WEIGHTS_HELP)
     p.add_argument("--weights-seed", type=int, default=0, help="seed of --weights random; default 0")
-    p.add_argument("--image-size", "--size", dest="size", type=int, default=224,
-                   help="resize images to SIZE×SIZE; default 224")
-    p.add_argument("--limit", type=int, default=None, help="score a random sample of LIMIT images")
-    p.add_argument("--seed", type=int, default=0, help="seed of the --limit sample; default 0")
+    p.add_argument("--image-size", "--size", dest="size", type=positive_int_arg, default=None,
+                   help="resize images to SIZE×SIZE; default the model's own: 64 for shapes, else 224")
+    p.add_argument("--limit", type=positive_int_arg, default=None, help="score a random sample of LIMIT images")
+    p.add_argument("--sample-seed", "--seed", dest="seed", type=int, default=0,
+                   help="seed of the --limit sample; default 0 (--seed is its old spelling; the weights' seed "
+                   "is --weights-seed, as in every command)")
     p.add_argument("--theta", type=theta_arg, default=10.0, help="UnionCAM θ; default 10")
     p.add_argument("--layer", default=None, help="layer to explain; default the model's default_layer")
     p.add_argument(
@@ -593,8 +594,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--masks", default=None, help="folder of object masks (<image stem>.png, non-zero = object)"
     )
-    p.add_argument("--batch-size", type=int, default=64, help="inputs per forward pass; default 64")
-    p.add_argument("--chunk", type=int, default=8, help="images explained together; default 8")
+    p.add_argument("--batch-size", type=positive_int_arg, default=64, help="inputs per forward pass; default 64")
+    p.add_argument("--chunk", type=positive_int_arg, default=8, help="images explained together; default 8")
     p.add_argument("--device", default=None,
                    help="torch device; default cpu (under torchrun: cuda:LOCAL_RANK with CUDA, else cpu)")
     p.add_argument("--out", default="eval-out", help="output folder; default ./eval-out")

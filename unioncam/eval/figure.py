@@ -25,6 +25,7 @@ def figure_grid(
     cell: float = 1.6,
     dpi: int = 80,
     row_labels: list[str] | None = None,
+    progress: bool = False,
 ) -> Path:
     """Explain every image with every method and save a grid: one row per image, the input then a column
     per method. Object masks, when given, are outlined on the input. Returns the PNG's path."""
@@ -39,7 +40,8 @@ def figure_grid(
     targets = targets or [None] * len(images)
     cats = getattr(model, "categories", None)
     maps = {
-        m: explain_batch(model, images, targets=targets, method=m, theta=theta, layer=layer, batch_size=batch_size)
+        m: explain_batch(model, images, targets=targets, method=m, theta=theta, layer=layer, batch_size=batch_size,
+                         progress=progress)
         for m in methods
     }
     rows, cols = len(images), len(methods) + 1
@@ -73,7 +75,11 @@ def figure_grid(
 def _cmd(args: argparse.Namespace) -> int:
     from ..io import load_image
     from ..models import load_model
+    from ..models.defaults import resolve_args
 
+    if not args.shapes and not args.images:
+        raise FileNotFoundError("give IMAGE files or --shapes N")
+    resolve_args(args, "figure")
     model = load_model(args.model, args.weights, args.weights_seed, args.device)
     masks: list[Any] | None = None
     targets: list[int | None] | None = None
@@ -89,8 +95,6 @@ def _cmd(args: argparse.Namespace) -> int:
             pred = model(torch.stack(images)).argmax(1).tolist()
         labels = [f"{SHAPE_CLASSES[s.label]} (pred. {SHAPE_CLASSES[p]})" for s, p in zip(samples, pred)]
     else:
-        if not args.images:
-            raise FileNotFoundError("figure: give IMAGE files or --shapes N")
         images = [load_image(p, size=args.size) for p in args.images]
     path = figure_grid(
         model,
@@ -103,6 +107,7 @@ def _cmd(args: argparse.Namespace) -> int:
         args.layer,
         args.batch_size,
         row_labels=labels,
+        progress=not args.quiet,
     )
     print(path)
     return 0
@@ -110,7 +115,8 @@ def _cmd(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: Any) -> None:
     """Register ``unioncam figure``."""
-    from ..validation import methods_arg, theta_arg
+    from ..models.defaults import MODEL_HELP, WEIGHTS_HELP
+    from ..validation import methods_arg, positive_int_arg, theta_arg
 
     p = subparsers.add_parser(
         "figure",
@@ -118,20 +124,20 @@ def add_parser(subparsers: Any) -> None:
         description="Explain each image with each method; one row per image.",
     )
     p.add_argument("images", nargs="*", metavar="IMAGE", help="image files (or use --shapes)")
-    p.add_argument(
-        "--shapes", type=int, default=0, help="use the first N ground-truth benchmark images instead"
-    )
+    p.add_argument("--shapes", type=int, default=0,
+                   help="use the first N ground-truth benchmark images (synthetic shapes) instead")
     p.add_argument("--shapes-seed", type=int, default=1, help="their seed; default 1 (the held-out split)")
-    p.add_argument("--method", type=methods_arg, default="all", help="methods or 'all' (default)")
-    p.add_argument("--model", default="vgg16",
-                   help="vgg16 (default), shapes, a torchvision classifier name (resnet50, vit_b_16, …) "
-                   "or package.module:factory")
-    p.add_argument("--weights", default=None, help="as for `unioncam evaluate`")
-    p.add_argument("--weights-seed", type=int, default=0)
-    p.add_argument("--image-size", "--size", dest="size", type=int, default=224, help="image side; default 224")
-    p.add_argument("--theta", type=theta_arg, default=10.0)
-    p.add_argument("--layer", default=None)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default=None)
+    p.add_argument("--method", type=methods_arg, default="all", help="methods, comma-separated, or 'all' (default)")
+    p.add_argument("--model", default=None, help=MODEL_HELP.format(factory=" or package.module:factory"))
+    p.add_argument("--weights", default=None, help=WEIGHTS_HELP)
+    p.add_argument("--weights-seed", dest="weights_seed", type=int, default=0,
+                   help="seed of --weights random; default 0")
+    p.add_argument("--image-size", "--size", dest="size", type=positive_int_arg, default=None,
+                   help="image side; default the model's own: 64 for shapes, else 224")
+    p.add_argument("--theta", type=theta_arg, default=10.0, help="UnionCAM θ in [0, 100]; default 10")
+    p.add_argument("--layer", default=None, help="layer to explain; default the model's default_layer")
+    p.add_argument("--batch-size", type=positive_int_arg, default=64, help="masked inputs per forward pass; default 64")
+    p.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu; default cpu")
     p.add_argument("--out", default="figure.png", help="PNG path; default ./figure.png")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd)

@@ -51,7 +51,8 @@ def load_model(name: str, weights: str | None = None, seed: int = 0,
     """A pixel-space classifier in eval mode with frozen parameters, by name.
 
     ``vgg16`` (:class:`PixelVGG16`; ``weights``: ``imagenet`` (default), ``random`` or a path), ``shapes``
-    (the ground-truth benchmark's CNN; ``weights``: a path, default the shipped file), any other
+    (the ground-truth benchmark's CNN; ``weights``: a path or ``random``, default ``shipped``: the file
+    in the package), any other
     torchvision classifier by its torchvision name (``resnet50``, ``vit_b_16``, ``swin_t``, …: see
     :func:`unioncam.models.load_torchvision`; ``weights``: ``imagenet`` (default), a torchvision weights
     name, ``random`` or a path) or ``package.module:factory`` (called with no arguments; must return a
@@ -60,7 +61,7 @@ def load_model(name: str, weights: str | None = None, seed: int = 0,
     if name == "vgg16":
         return load_vgg16(weights or "imagenet", seed=seed, device=device)
     if name == "shapes":
-        return load_shapes_cnn(weights, device=device, seed=seed)
+        return load_shapes_cnn(None if weights == "shipped" else weights, device=device, seed=seed)
     if isinstance(name, str) and name in TORCHVISION_MODELS:
         return load_torchvision(name, weights or "imagenet", seed=seed, device=device)
     accepted = "vgg16, shapes, a torchvision classifier name (resnet50, vit_b_16, …) or package.module:factory"

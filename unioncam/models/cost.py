@@ -17,7 +17,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import InvalidInputError
 
-__all__ = ["ModelCost", "meta_model", "model_cost"]
+__all__ = ["ModelCost", "default_image_size", "fits", "meta_model", "model_cost", "smallest_side"]
+
+
+def default_image_size(name: str) -> int:
+    """The image side a model's shipped or ImageNet weights were trained on: 64 for ``shapes``, else 224."""
+    return 64 if name == "shapes" else 224
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,41 @@ def meta_model(name: str) -> torch.nn.Module:
             return load_model(name, "random").to("meta")
 
 
+def fits(model: torch.nn.Module, size: tuple[int, int]) -> bool:
+    """Whether ``model`` runs on one ``size`` = ``(H, W)`` image, tried on the ``meta`` device.
+
+    The forward runs with meta stand-ins of the model's parameters and buffers
+    (:func:`torch.func.functional_call`), so it costs no memory and no arithmetic and leaves the model as
+    it is. ``False`` for any failure, including one that has nothing to do with the size (an operation
+    without a meta kernel): ask about a size known to work as well before concluding (:func:`smallest_side`).
+    """
+    from torch.func import functional_call
+
+    state = {k: torch.empty_like(v, device="meta") for k, v in
+             [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]}
+    x = torch.zeros(1, 3, *size, device="meta")
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            functional_call(model, state, (x,), strict=False, tie_weights=False)
+    except Exception:  # noqa: BLE001 — a too-small image fails in the model's own way
+        return False
+    return True
+
+
+def smallest_side(model: torch.nn.Module, largest: int = 1024) -> int | None:
+    """The smallest ``s`` for which ``model`` takes an ``s``×``s`` image (bisection with :func:`fits`, which
+    assumes that a model taking a size takes every larger one, as CNNs do); ``None`` when it does not even
+    take ``largest``² (a fixed-size model, or one that cannot run on the meta device)."""
+    if not fits(model, (largest, largest)):
+        return None
+    lo, hi = 0, largest  # lo fails (or is 0), hi fits
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(model, (mid, mid)) else (mid, hi)
+    return hi
+
+
 @functools.lru_cache(maxsize=64)
 def model_cost(name: str, image_size: int, layer: str | None = None) -> ModelCost:
     """The cost of one forward of model ``name`` (a :data:`unioncam.models.MODELS` name) at ``image_size``².
@@ -72,8 +112,12 @@ def model_cost(name: str, image_size: int, layer: str | None = None) -> ModelCos
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             model(x)
     except Exception as exc:  # noqa: BLE001 — a too-small image fails in the model's own way
+        hook.remove()  # it hands back the first output it saw: the probes below must not get it
+        side = smallest_side(model)
+        accepted = (f"at least {side} (the smallest size {name} takes)" if side is not None else "a larger size")
         raise InvalidInputError("image-size", f"{image_size} is too small for {name} ({type(exc).__name__}: "
-                                f"{str(exc)[:160]})", "a larger size (224 is what the weights were trained on)") from None
+                                f"{str(exc)[:160]})", f"{accepted}; {default_image_size(name)} is what its "
+                                "weights were trained on") from None
     finally:
         hook.remove()
     out = seen["out"]

@@ -120,6 +120,13 @@ class ArchiveSettings:
         return yaml.safe_dump(doc, sort_keys=False)
 
     @property
+    def weights_label(self) -> str:
+        """The weights as a user is shown them: ``random (seed 0)``, ``imagenet``, ``shipped`` or the path."""
+        from ..models.defaults import weights_label
+
+        return weights_label(self.weights, self.seed)
+
+    @property
     def weights_file(self) -> str:
         """The name of the serialized weights inside the archive."""
         return f"{self.model}.pth"

@@ -64,9 +64,13 @@ class UnionCAMHandler:
             seed = int(cfg.get("seed", 0))
             self.model = load_model(name, "random", seed=seed, device=self.device)
             source = f"random (seed {seed})"
+            logger.warning("unioncam handler: %s has RANDOM weights (seed %d): its classes and maps mean nothing",
+                           name, seed)
         else:
             source = os.path.join(model_dir, cfg.get("weights_file", "vgg16.pth"))
             self.model = load_model(name, source, device=self.device)
+        # Named in every explanation's details: "random (seed 0)", "imagenet", "shipped" or the user's file.
+        self.weights_label = source if cfg.get("weights", "file") == "random" else str(cfg.get("source", "file"))
         names_file = os.path.join(model_dir, "index_to_name.json")
         if os.path.isfile(names_file):
             with open(names_file) as f:
@@ -130,6 +134,7 @@ class UnionCAMHandler:
         explain_ms = (time.perf_counter() - start) * 1000
         results = out if isinstance(out, list) else [out]
         for res in results:
+            res.details["weights"] = self.weights_label
             self._metrics(res, explain_ms / len(results), idx)
         t0 = time.perf_counter()
         if item.format == "png":

@@ -22,6 +22,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ..models.defaults import random_warning
 from .archive import ArchiveSettings, archived_yaml, build_archive
 
 __all__ = ["Ports", "TorchServe", "add_parser", "config_text", "free_port"]
@@ -241,47 +242,35 @@ def _ports_of(text: str) -> Ports:
 
 
 def _settings(args: argparse.Namespace) -> ArchiveSettings:
-    return ArchiveSettings(model=args.model, weights=args.weights, seed=args.seed, image_size=args.image_size, method=args.method,
+    return ArchiveSettings(model=args.model, weights=args.weights, seed=args.weights_seed, image_size=args.image_size, method=args.method,
                            theta=args.theta, layer=args.layer, batch_size=args.batch_size, precision=args.precision,
                            max_batch_size=args.max_batch_size, max_batch_delay_ms=args.max_batch_delay,
                            response_timeout_s=args.response_timeout, workers=args.workers,
                            explain_slots=args.explain_slots)
 
 
-def _resolve_weights(model: str, weights: str | None, fallback: bool) -> str:
-    """The weights of ``--weights`` left out: ``shipped`` for ``shapes``; else ``imagenet``, or with
-    ``fallback`` (``serve``) a seeded random model with a warning when the ImageNet file is not cached
-    (this machine may be offline)."""
-    if weights is not None:
-        return weights
-    if model == "shapes":
-        return "shipped"
-    if not fallback:
-        return "imagenet"
-    import torch
-    from torchvision.models import get_model_weights
+def _resolve(args: argparse.Namespace, command: str) -> None:
+    """``--model`` / ``--weights`` / ``--image-size`` left out: the rule of every command
+    (:mod:`unioncam.models.defaults`: VGG16 if its ImageNet weights are cached, else the shapes CNN)."""
+    from ..models.defaults import resolve_args
 
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(get_model_weights(model).DEFAULT.url)
-    if cached.is_file():
-        return "imagenet"
-    print(f"unioncam serve: warning: ImageNet {model} weights are not cached at {cached}; serving a RANDOM "
-          f"{model} (seed 0) so the service can be tried. Its classes and maps mean nothing. "
-          "Pass --weights imagenet (downloads them) or --weights PATH for real use.", file=sys.stderr)
-    return "random"
+    resolve_args(args, command, size="image_size")
 
 
 def _cmd_archive(args: argparse.Namespace) -> int:
-    args.weights = _resolve_weights(args.model, args.weights, fallback=False)
+    _resolve(args, "archive")
     if args.kserve:
         from .kserve import write_kserve_layout
 
-        layout = write_kserve_layout(_settings(args), args.kserve, args.name)
+        settings = _settings(args)
+        layout = write_kserve_layout(settings, args.kserve, args.name)
         print(f"{layout.config}\n{layout.mar}  ({layout.mar.stat().st_size / 1e6:.1f} MB, {args.model}, "
-              f"weights {args.weights}); "
+              f"weights {settings.weights_label}); "
               f"upload {layout.root}/ as the InferenceService's storageUri (deploy/kserve/)")
         return 0
-    mar = build_archive(_settings(args), args.model_store, args.name, force=True)
-    print(f"{mar}  ({mar.stat().st_size / 1e6:.1f} MB, {args.model}, weights {args.weights})")
+    settings = _settings(args)
+    mar = build_archive(settings, args.model_store, args.name, force=True)
+    print(f"{mar}  ({mar.stat().st_size / 1e6:.1f} MB, {args.model}, weights {settings.weights_label})")
     return 0
 
 
@@ -303,26 +292,39 @@ def _expiry(run_dir: Path, api: str = "inference") -> str:
     return data[api].get("expiration time", "?")
 
 
+def _try_line(url: str, name: str, key: str, model: str) -> str:
+    """A first request to copy, with a shipped sample image when this folder has one ('' otherwise)."""
+    sample = Path("samples/shapes/cross.png") if model == "shapes" else Path("samples/chelsea.png")
+    if not sample.is_file():
+        return ""
+    return (f"try: curl -s -H 'Authorization: Bearer {key}' -T {sample} {url}/explanations/{name}"
+            "  (JSON: class, score, map, details)\n")
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     if args.config:
         config_text_ = Path(args.config).read_text()
     else:
         base = args.port
+        if base is not None and base + 4 > 65535:
+            raise ValueError(f"--port {base}: the server needs BASE…BASE+4; accepted: a base port in [1, 65531]")
         ports = Ports(base, base + 1, base + 2, base + 3, base + 4) if base is not None else Ports()
         config_text_ = config_text(ports)
     ports = _ports_of(config_text_)
     viewer_port = (args.viewer_port or ports.inference + 10) if args.viewer or args.viewer_port else None
+    if viewer_port is not None and not 1 <= viewer_port <= 65535:
+        raise ValueError(f"the viewer's port would be {viewer_port}; accepted: --viewer-port in [1, 65535]")
     busy = _busy_ports({**vars(ports), **({"viewer": viewer_port} if viewer_port else {})})
     if busy:  # before anything else: never rebuild the archive under a running server
         raise RuntimeError(f"port(s) in use on 127.0.0.1: {', '.join(busy)}. Another server may be running "
                            "(`ls -l runs/current`); stop it, or pass --port BASE to use BASE…BASE+4"
                            + (" (and --viewer-port PORT)." if viewer_port else "."))
-    args.weights = _resolve_weights(args.model, args.weights, fallback=True)
+    _resolve(args, "serve")
     store = Path(args.model_store)
     mar = store / f"{args.name}.mar"
     settings = _settings(args)
     if args.rebuild or archived_yaml(mar) != settings.yaml():
-        print(f"building {mar} ({args.model}, weights {args.weights}) …", flush=True)
+        print(f"building {mar} ({args.model}, weights {settings.weights_label}) …", flush=True)
         build_archive(settings, store, args.name, force=True)
     run_dir = Path(args.runs) / (args.run_name or time.strftime("%Y%m%d-%H%M%S"))
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -352,8 +354,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             viewer = Viewer(server.url, run_dir / "key_file.json", archive_info(mar, args.name), viewer_port).start()
         cost = settings.cost
         print(f"ready: {server.url}/predictions/{args.name}  {server.url}/explanations/{args.name}\n"
-              f"model: {settings.model} (weights {args.weights}), {settings.image_size}², explained layer "
+              f"model: {settings.model} (weights {settings.weights_label}), {settings.image_size}², explained layer "
               f"{cost.layer} ({cost.channels} channels)\n"
+              + (f"{random_warning(settings.model, settings.seed)}\n" if settings.weights == "random" else "")
+              + _try_line(server.url, args.name, key, settings.model) +
               f"token: {key}  (in {run_dir / 'key_file.json'}; expires {_expiry(run_dir)}; renew with "
               f"`unioncam token --runs {args.runs}`)\n"
               f"workers: {settings.workers}, explanations with masked forwards at once: {settings.slots}, "
@@ -385,8 +389,12 @@ def _cmd_token(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{keys_file} does not exist: is a server running with --runs {args.runs}?")
     ports = _ports_of((run_dir / "config.properties").read_text())
     api_key = json.loads(keys_file.read_text())["API"]["key"]
-    r = requests.post(f"http://127.0.0.1:{ports.management}/token", params={"type": args.type},
-                      headers={"Authorization": f"Bearer {api_key}"}, timeout=30)
+    url = f"http://127.0.0.1:{ports.management}/token"
+    try:
+        r = requests.post(url, params={"type": args.type}, headers={"Authorization": f"Bearer {api_key}"}, timeout=30)
+    except requests.RequestException as exc:
+        raise RuntimeError(f"no server answers at {url} (the management API of {run_dir}): is it still running? "
+                           f"Start one with ./serve.sh or `unioncam serve` ({type(exc).__name__})") from None
     if r.status_code != 200:
         raise RuntimeError(f"the server refused to renew the key ({r.status_code}): {r.text.strip()[:300]}")
     data = json.loads(keys_file.read_text())[args.type]
@@ -394,28 +402,29 @@ def _cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_archive_options(p: argparse.ArgumentParser, archive: bool) -> None:
+def _add_archive_options(p: argparse.ArgumentParser) -> None:
     from ..methods import METHODS
     from ..models import MODELS
-    from ..validation import PRECISION_CHOICES
+    from ..models.defaults import MODEL_HELP, WEIGHTS_HELP
+    from ..validation import PRECISION_CHOICES, positive_int_arg, theta_arg
 
-    default = ("imagenet (shapes: shipped)" if archive else
-               "imagenet if cached, else random with a warning (shapes: shipped)")
-    p.add_argument("--model", default="vgg16", choices=MODELS, metavar="NAME",
-                   help="vgg16, shapes (the ground-truth benchmark's CNN) or any torchvision classifier by its "
-                   "torchvision name (resnet50, densenet121, vit_b_16, swin_t, ...); default vgg16")
+    p.add_argument("--model", default=None, choices=MODELS, metavar="NAME",
+                   help=MODEL_HELP.format(factory=""))
     p.add_argument("--weights", default=None,
-                   help="'imagenet' (torchvision's, from the torch hub cache or downloaded), 'random' (only "
-                   f"the seed is stored), a path to a state dict of --model, or for shapes 'shipped'; default {default}")
-    p.add_argument("--seed", type=int, default=0, help="seed for --weights random; default 0")
+                   help=WEIGHTS_HELP + " (for random only the seed is archived)")
+    p.add_argument("--weights-seed", "--seed", dest="weights_seed", type=int, default=0,
+                   help="seed of --weights random; default 0 (--seed is its old spelling)")
     p.add_argument("--name", default="unioncam", help="model name (the .mar is NAME.mar); default unioncam")
     p.add_argument("--model-store", default="model_store", help="where the .mar goes; default ./model_store")
-    p.add_argument("--image-size", type=int, default=224, help="images are resized to SIZE×SIZE; default 224")
-    p.add_argument("--method", default="unioncam", choices=METHODS, help="default method; default unioncam")
-    p.add_argument("--theta", type=float, default=10.0, help="default θ; default 10")
+    p.add_argument("--image-size", "--size", dest="image_size", type=positive_int_arg, default=None,
+                   help="images are resized to SIZE×SIZE; default the model's own: 64 for shapes, else 224")
+    p.add_argument("--method", default="unioncam", choices=METHODS,
+                   help="the method of a request that names none; default unioncam")
+    p.add_argument("--theta", type=theta_arg, default=10.0,
+                   help="UnionCAM θ of a request that names none, in [0, 100]; default 10")
     p.add_argument("--layer", default=None,
                    help="explained layer; default the model's (vgg16: features.29, resnet: layer4, README table)")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--batch-size", type=positive_int_arg, default=None,
                    help="masked inputs per forward; default the engine's: 64 on CUDA, on a CPU 8 at 224² up to 64 at 32²")
     p.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
                    help="auto (bf16 on CUDA and on CPUs with native bf16, else fp32; decided by each worker "
@@ -435,11 +444,13 @@ def _add_archive_options(p: argparse.ArgumentParser, archive: bool) -> None:
 
 
 def add_parser(subparsers: Any) -> None:
-    """Register ``archive`` and ``serve``."""
+    """Register ``archive``, ``serve`` and ``token``."""
+    from ..validation import port_arg
+
     ar = subparsers.add_parser("archive", help="build the TorchServe archive model_store/NAME.mar",
                                description="Build NAME.mar with the handler, the unioncam package, "
                                "index_to_name.json, model-config.yaml and the weights.")
-    _add_archive_options(ar, archive=True)
+    _add_archive_options(ar)
     ar.add_argument("--kserve", metavar="DIR", default=None,
                     help="write KServe's TorchServe layout instead: DIR/config/config.properties (token auth off, "
                     "API on 127.0.0.1:8085 for KServe's wrapper, metrics on :8082) and DIR/model-store/NAME.mar")
@@ -448,21 +459,22 @@ def add_parser(subparsers: Any) -> None:
                                description="Build model_store/NAME.mar if missing or built with other "
                                "settings, and run TorchServe with "
                                "its temp, log, metric and pid files under runs/RUN_NAME/. Ctrl-C stops it.")
-    _add_archive_options(sv, archive=False)
+    _add_archive_options(sv)
     sv.add_argument("--config", default=None,
                     help="config.properties to use; default the shipped template (unioncam/serve/config.properties)")
-    sv.add_argument("--port", type=int, default=None,
+    sv.add_argument("--port", type=port_arg, default=None,
                     help="base port: inference BASE, management BASE+1, metrics BASE+2, gRPC BASE+3/BASE+4; "
                     "default the template's 8080/8081/8082/7070/7071")
     sv.add_argument("--runs", default="runs", help="parent of run folders; default ./runs")
     sv.add_argument("--run-name", default=None, help="run folder name; default the start time")
     sv.add_argument("--rebuild", action="store_true",
                     help="rebuild the archive even if present with the same settings (e.g. a changed engine)")
-    sv.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for the model")
+    sv.add_argument("--startup-timeout", type=float, default=300.0,
+                    help="seconds to wait for the model's workers; default 300")
     sv.add_argument("--viewer", action="store_true",
                     help="also serve the browser page (upload an image, compare methods) on 127.0.0.1; it holds "
                     "the token and forwards to TorchServe")
-    sv.add_argument("--viewer-port", type=int, default=None,
+    sv.add_argument("--viewer-port", type=port_arg, default=None,
                     help="the page's port (implies --viewer); default the inference port + 10 (8090)")
     sv.set_defaults(func=_cmd_serve)
     tk = subparsers.add_parser("token", help="renew the key of a running server (keys expire after 60 minutes)",
@@ -470,5 +482,6 @@ def add_parser(subparsers: Any) -> None:
                                "authorised by the run's API key) and print it; key_file.json is updated.")
     tk.add_argument("--runs", default="runs", help="parent of run folders; default ./runs")
     tk.add_argument("--run-name", default="current", help="run folder; default current (the latest)")
-    tk.add_argument("--type", choices=("inference", "management"), default="inference")
+    tk.add_argument("--type", choices=("inference", "management"), default="inference",
+                    help="which key: inference (predictions, explanations) or management; default inference")
     tk.set_defaults(func=_cmd_token)

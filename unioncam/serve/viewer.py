@@ -52,9 +52,14 @@ def archive_info(mar: str | Path, name: str) -> dict[str, Any]:
 
     text = archived_yaml(Path(mar))
     handler = (yaml.safe_load(text) or {}).get("handler", {}) if text else {}
+    if handler.get("weights") == "random":
+        weights = f"random (seed {handler.get('seed', 0)})"
+    else:
+        weights = str(handler.get("source", "imagenet"))
     return {
         "model": name,
         "architecture": handler.get("model", "vgg16"),  # archives without the key serve VGG16
+        "weights": weights,  # "random (seed 0)": the page says its maps mean nothing
         "image_size": handler.get("image_size"),
         "method": handler.get("method", "unioncam"),
         "theta": handler.get("theta", 10.0),

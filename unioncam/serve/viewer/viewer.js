@@ -158,8 +158,16 @@
       state.info = info;
       const size = info.image_size ? `images resized to ${info.image_size}×${info.image_size}` : "";
       const model = info.architecture ? `model ${info.model} (${info.architecture})` : `model ${info.model}`;
-      $("model-info").textContent = [model, size, `default ${info.method}, θ = ${info.theta}`]
+      const weights = info.weights ? `weights ${info.weights}` : "";
+      $("model-info").textContent = [model, weights, size, `default ${info.method}, θ = ${info.theta}`]
         .filter(Boolean).join(" · ");
+      const random = typeof info.weights === "string" && info.weights.startsWith("random");
+      $("weights-warning").hidden = !random;
+      if (random) {
+        $("weights-warning").textContent = `The served ${info.architecture || "model"} has RANDOM weights ` +
+          `(${info.weights}): its classes and maps mean nothing. Restart the server without --weights ` +
+          "for trained ones.";
+      }
       const box = $("methods");
       box.replaceChildren();
       for (const m of info.methods) {
@@ -180,6 +188,10 @@
       }
       $("theta").value = info.theta;
       $("theta-value").textContent = info.theta;
+      if (info.architecture === "shapes" && !state.file) {
+        $("results-hint").textContent = "Choose an image: samples/shapes/*.png in the project folder are " +
+          "shapes this model knows (disk, square, triangle, cross, ring). Then a class, or “Explain”.";
+      }
     } catch (e) {
       $("model-info").textContent = "";
       showError(`The viewer could not read the server's settings (${e.message}). Is \`unioncam serve --viewer\` still running?`);
