@@ -65,11 +65,15 @@ def template() -> str:
     return resources.files("unioncam.serve").joinpath("config.properties").read_text()
 
 
-def config_text(ports: Ports, max_request_mb: int = 16, max_response_mb: int = 16) -> str:
+def config_text(ports: Ports, max_request_mb: int = 16, max_response_mb: int = 16,
+                model_api: bool = False) -> str:
     """``config.properties`` for ``ports``: the shipped template with its addresses moved to those ports
-    and its body limits set."""
+    and its body limits set. ``model_api``: ``enable_model_api=true``, which lets ``POST /models`` register
+    (and ``DELETE`` unregister) archives through the management API — anyone holding the management key
+    can then load code into the server."""
     mb = 1024 * 1024
     return set_properties(template(), {
+        "enable_model_api": "true" if model_api else "false",
         "inference_address": f"http://127.0.0.1:{ports.inference}",
         "management_address": f"http://127.0.0.1:{ports.management}",
         "metrics_address": f"http://127.0.0.1:{ports.metrics}",
@@ -377,6 +381,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         server.stop()
 
 
+def _cmd_config(args: argparse.Namespace) -> int:
+    """Print ``config.properties`` for a plain ``torchserve --start`` (docs/torchserve.md)."""
+    base = args.port
+    ports = Ports(base, base + 1, base + 2, base + 3, base + 4) if base is not None else Ports()
+    text = config_text(ports, model_api=args.enable_model_api)
+    if args.model_store:
+        text = set_properties(text, {"model_store": str(Path(args.model_store).resolve())})
+    sys.stdout.write(text)
+    return 0
+
+
 def _cmd_token(args: argparse.Namespace) -> int:
     """Renew the inference (or management) key of a running server; print the new key and its expiry."""
     import requests
@@ -477,6 +492,18 @@ def add_parser(subparsers: Any) -> None:
     sv.add_argument("--viewer-port", type=int, default=None,
                     help="the page's port (implies --viewer); default the inference port + 10 (8090)")
     sv.set_defaults(func=_cmd_serve)
+    cf = subparsers.add_parser("config", help="print a config.properties for plain `torchserve --start`",
+                               description="Print the shipped config.properties (loopback only, token "
+                               "authorization on) for a TorchServe you start yourself: "
+                               "torchserve --start --ts-config config.properties (docs/torchserve.md).")
+    cf.add_argument("--port", type=int, default=None,
+                    help="base port: inference BASE, management BASE+1, metrics BASE+2, gRPC BASE+3/BASE+4; "
+                    "default 8080/8081/8082/7070/7071")
+    cf.add_argument("--enable-model-api", action="store_true",
+                    help="let POST /models register archives through the management API (whoever holds the "
+                    "management key can then load code into the server); default off")
+    cf.add_argument("--model-store", default=None, help="write model_store=PATH (absolute) into the file")
+    cf.set_defaults(func=_cmd_config)
     tk = subparsers.add_parser("token", help="renew the key of a running server (keys expire after 60 minutes)",
                                description="Ask the running server for a new key (TorchServe's token API, "
                                "authorised by the run's API key) and print it; key_file.json is updated.")
