@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -15,8 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-
 import unioncam
 from unioncam.serve.archive import ArchiveSettings
 from unioncam.serve.limits import GPU_S_PER_GFLOP, Slots, WorkerLease, explanation_seconds, response_timeout
@@ -28,6 +27,8 @@ SIZE = 32
 
 def _context(model_dir: Path, headers: list[dict], **handler) -> FakeContext:
     ctx = FakeContext(model_dir, headers)
+    # The GPU check (benchmarks/gpu_serving.py) runs the handler tests with the handler on a GPU.
+    ctx.system_properties["gpu_id"] = os.environ.get("UNIONCAM_TEST_GPU_ID")
     cfg = {"model": "shapes", "image_size": SIZE, "method": "unioncam", "theta": 10.0, "weights": "random",
            "seed": 0, "batch_size": 64, "precision": "fp32", "explain_slots": None, "device": "cuda",
            "explain_wait_s": 2.0, "channels": 128}
@@ -38,7 +39,8 @@ def _context(model_dir: Path, headers: list[dict], **handler) -> FakeContext:
 
 @pytest.fixture(scope="module")
 def gpu_handler(tmp_path_factory):
-    """A handler whose archive was made for a GPU (``device: cuda``), running on this CPU (gpu_id None)."""
+    """A handler whose archive was made for a GPU (``device: cuda``), running on this CPU (gpu_id None) or
+    on the GPU ``UNIONCAM_TEST_GPU_ID``."""
     from unioncam.serve.handler import UnionCAMHandler
 
     h = UnionCAMHandler()
@@ -59,6 +61,8 @@ def _map(body: dict) -> torch.Tensor:
 
 
 def test_device_decides_the_archive_defaults():
+    import yaml
+
     cpu = ArchiveSettings(weights="random", device="cpu")
     assert (cpu.max_batch_size, cpu.max_batch_delay_ms, cpu.workers, cpu.explain_wait, cpu.timeout) == (1, 50, 2, 0, 736)
     assert cpu.slots == 1 and "503" in cpu.slots_text
