@@ -412,7 +412,8 @@ def test_archive_is_self_contained_and_tiny(server):
     assert cfg["handler"].pop("engine") == f"unioncam {unioncam.__version__} ({package_digest()})"
     assert cfg["handler"] == {"model": "vgg16", "image_size": SIZE, "method": "unioncam", "theta": 10.0,
                               "layer": None, "batch_size": 64, "precision": "fp32", "device": "cpu",
-                              "explain_slots": None, "explain_wait_s": 0.0, "explained_layer": "features.29", "channels": 512, "forward_gflops": 0.874,
+                              "explain_slots": None, "explain_wait_s": 0.0,
+                              "explained_layer": "features.29", "channels": 512, "forward_gflops": 0.874,
                               "weights": "random", "seed": 0}
     assert cfg["batchSize"] == 4 and cfg["maxBatchDelay"] == 100 and cfg["responseTimeout"] == 120
     names_map = json.loads(z.read("index_to_name.json"))

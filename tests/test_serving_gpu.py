@@ -244,3 +244,33 @@ def test_no_usable_gpu_id_serves_on_the_cpu_with_one_log_line(tmp_path, monkeypa
         assert "gpu_id None" in notes[0]
         assert caplog.records[0].levelno == (logging.WARNING if gpu_id is None else logging.INFO)
     h.lease.close()
+
+
+def test_gpu_settings_wait_for_a_slot_within_the_bound_and_refuse_beyond(tmp_path):
+    from unioncam.serve.handler import UnionCAMHandler
+
+    h = UnionCAMHandler()
+    h.initialize(_context(tmp_path, [], explain_slots=1, explain_wait_s=3.0))
+    try:
+        rows, headers = [{"image": random_png(7)}], [{"explain": "True"}]
+        # Another worker holds the only slot and expects to be done in 0.5 s: this one waits its turn.
+        t = threading.Thread(target=_hold, args=(h.slots, 0.5, 0.5))
+        t.start()
+        time.sleep(0.05)
+        t0 = time.monotonic()
+        ctx = _context(Path("."), headers)
+        out = h.handle(rows, ctx)
+        t.join()
+        assert ctx.status == {} and out[0]["method"] == "unioncam" and time.monotonic() - t0 > 0.3
+        # It expects 20 s, beyond the 3 s bound: refused at once, told when to come back.
+        t = threading.Thread(target=_hold, args=(h.slots, 20.0, 0.8))
+        t.start()
+        time.sleep(0.05)
+        t0 = time.monotonic()
+        ctx = _context(Path("."), headers)
+        out = h.handle(rows, ctx)
+        assert ctx.status == {0: 503} and time.monotonic() - t0 < 0.5
+        assert int(ctx.response_headers[0]["Retry-After"]) >= 19 and "3 s" in out[0]["message"]
+        t.join()
+    finally:
+        h.lease.close()
