@@ -81,6 +81,29 @@ def response_timeout(image_size: int, batch_size: int = 1, device: str = "cpu", 
     return max(floor_s, math.ceil(5 * slowest * batch_size))
 
 
+def _held_by_another(f) -> bool:
+    """Whether another open file holds ``f``'s exclusive lock. Probes take a *shared* lock for an
+    instant, so two probes never see each other as holders."""
+    try:
+        fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    fcntl.flock(f, fcntl.LOCK_UN)
+    return False
+
+
+def _lock(f, tries: int = 3) -> bool:
+    """Take ``f``'s exclusive lock without blocking; a probe's instant shared lock is retried past."""
+    for i in range(tries):
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if i + 1 < tries:
+                time.sleep(0.001)
+    return False
+
+
 def _pool_folder(key: str) -> Path:
     return Path(tempfile.gettempdir()) / f"unioncam-slots-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
@@ -98,8 +121,11 @@ class WorkerLease:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.prefix = f"worker-{group}-"
         self.path = self.folder / f"{self.prefix}{os.getpid()}"
-        self._file = open(self.path, "a+")  # noqa: SIM115 — held open (and locked) until the process ends
+        # Locked under a name no one counts, then renamed: a count never sees it unlocked (and removes it).
+        tmp = self.folder / f".new-{os.getpid()}-{time.monotonic_ns()}"
+        self._file = open(tmp, "a+")  # noqa: SIM115 — held open (and locked) until the process ends
         fcntl.flock(self._file, fcntl.LOCK_EX)
+        os.replace(tmp, self.path)
 
     def live(self) -> int:
         """Workers of this group whose lease is held now (this one included); stale files are removed."""
@@ -113,14 +139,11 @@ class WorkerLease:
             except OSError:
                 continue
             with f:
-                try:
-                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    n += 1  # held: that worker is running
+                if _held_by_another(f):
+                    n += 1  # that worker is running
                     continue
                 with contextlib.suppress(OSError):
                     path.unlink()  # its worker is gone
-                fcntl.flock(f, fcntl.LOCK_UN)
         return n
 
     def close(self) -> None:
@@ -172,10 +195,7 @@ class Slots:
             except OSError:
                 continue
             with f:
-                try:
-                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    fcntl.flock(f, fcntl.LOCK_UN)
-                except BlockingIOError:
+                if _held_by_another(f):
                     held += 1
                     f.seek(0)
                     with contextlib.suppress(ValueError):
@@ -188,9 +208,7 @@ class Slots:
             return None  # scaled down below the slots still held
         for i in range(n):
             f = open(self._path(i), "a+")  # noqa: SIM115 — closed on release
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not _lock(f):
                 f.close()
                 continue
             f.seek(0)
