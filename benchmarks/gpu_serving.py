@@ -133,7 +133,8 @@ def part_traps(a, model_dir: Path, gpu_id, cfg: dict) -> dict:
     try:
         ctx = _context(model_dir, gpu_id, cfg, [{"explain": "True"}, {}])
         out = h.handle([{"image": random_png(1)}, {"body": random_png(1)}], ctx)
-        first = {"status": ctx.status.get(0, 200), "message": out[0].get("message") if isinstance(out[0], dict) else None,
+        message = out[0].get("message") if isinstance(out[0], dict) else None
+        first = {"status": ctx.status.get(0, 200), "message": message,
                  "retry_after": ctx.response_headers.get(0, {}).get("Retry-After"),
                  "neighbour_status": ctx.status.get(1, 200)}
         ctx = _context(model_dir, gpu_id, cfg, [{"explain": "True"}])

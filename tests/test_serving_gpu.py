@@ -64,7 +64,8 @@ def test_device_decides_the_archive_defaults():
     import yaml
 
     cpu = ArchiveSettings(weights="random", device="cpu")
-    assert (cpu.max_batch_size, cpu.max_batch_delay_ms, cpu.workers, cpu.explain_wait, cpu.timeout) == (1, 50, 2, 0, 736)
+    got = (cpu.max_batch_size, cpu.max_batch_delay_ms, cpu.workers, cpu.explain_wait, cpu.timeout)
+    assert got == (1, 50, 2, 0, 736)
     assert cpu.slots == 1 and "503" in cpu.slots_text
     gpu = ArchiveSettings(weights="random", device="cuda", gpus=2)
     assert (gpu.max_batch_size, gpu.max_batch_delay_ms, gpu.workers) == (8, 10, 4)  # 2 GPUs × 2 workers

@@ -48,7 +48,8 @@ def _free_base() -> int:
 
 
 def test_the_plain_torchserve_page_runs_as_written(tmp_path):
-    if shutil.which("torchserve", path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")) is None:
+    path = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+    if shutil.which("torchserve", path=path) is None:
         pytest.skip("torchserve is not installed")
     base = _free_base()
     script = "\n".join(f"echo '=== block {i}'\n{b}" for i, b in enumerate(blocks(PAGE.read_text())))
@@ -57,7 +58,8 @@ def test_the_plain_torchserve_page_runs_as_written(tmp_path):
     (tmp_path / "page.sh").write_text("set -euo pipefail\n" + script + "\necho '=== done'\n")
     work = tmp_path / "work"
     (work / "tmp").mkdir(parents=True)
-    env = dict(os.environ, TMPDIR=str(work / "tmp"), TEMP=str(work / "tmp"), PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
+    # TEMP: TorchServe's own temp folder (unpacked archives, the workers' sockets), apart from other servers'.
+    env = dict(os.environ, TMPDIR=str(work / "tmp"), TEMP=str(work / "tmp"), PATH=path)
     env.pop("PYTHONPATH", None)
     try:
         proc = subprocess.run(["bash", str(tmp_path / "page.sh")], cwd=work, env=env, capture_output=True, text=True,

@@ -165,7 +165,8 @@ class ArchiveSettings:
         if self.explain_slots is not None:
             rule = f"{self.explain_slots} {where} (fixed)"
         else:
-            rule = f"live workers − 1 {where} ({self.slots} with {self.workers_per_gpu if self.on_gpu else self.workers})"
+            per = self.workers_per_gpu if self.on_gpu else self.workers
+            rule = f"live workers − 1 {where} ({self.slots} with {per})"
         wait = self.explain_wait
         return rule + (f"; one more waits up to {wait:g} s, then 503 + Retry-After" if wait
                        else "; one more gets 503 + Retry-After")

@@ -336,8 +336,9 @@ class UnionCAMHandler:
         """A 507 for running out of GPU memory (the worker goes on serving), else a 500."""
         if isinstance(exc, torch.cuda.OutOfMemoryError):
             context.set_response_header(idx, "Retry-After", "5")
+            said = str(exc).splitlines()[0][:160] if str(exc) else "CUDA out of memory"
             self._fail(context, idx, out, 507, InvalidInputError(
-                "server", f"ran out of GPU memory on this {what} ({str(exc).splitlines()[0][:160] if str(exc) else 'CUDA out of memory'}); "
+                "server", f"ran out of GPU memory on this {what} ({said}); "
                 "the memory was released and the worker goes on serving",
                 "a retry after a few seconds (Retry-After), fewer classes per request, or an archive "
                 "with a smaller --batch-size"))
