@@ -77,7 +77,7 @@ def test_the_plain_torchserve_page_runs_as_written(tmp_path):
     assert '"class_name": "disk"' in out
     assert "workers 2 min 2 max 2 batch 1" in out  # the archive's two CPU workers
     assert "Workers scaled to 3" in out
-    assert "register without the model API: 405" in out
+    assert "register without the model API: 405" in out and "unregister without the model API: 405" in out
     assert 'registered with 2 initial workers' in out  # initial_workers=1 overridden by the archive
     assert "Workers scaled to 1" in out and 'unregistered' in out
     assert out.count("TorchServe has stopped") == 2
