@@ -19,12 +19,14 @@ passed since the start (and none is given more than what is left of it):
 4. ``profile``: ``torch.profiler`` of one UnionCAM bf16 explanation: top CUDA kernels, GPU time shares.
 5. ``precision``: bf16 and fp16 maps (UnionCAM, Score-CAM) against strict fp32 ones (VGG16).
 6. ``kernel-tests``: ``tests/test_kernels*.py`` on the compiled kernels (pytest's output and JUnit XML).
-7. ``batch-sweep``: ours UnionCAM bf16 and fp32 at 16 / 32 / 64 / 128 masked inputs per forward.
-8. ``summary.md``: device, driver, versions, commit and every figure, ready for the README.
+7. ``serving``: the TorchServe handler in-process on the GPU (``benchmarks/gpu_serving.py``): its traps,
+   its handler tests, 32 UnionCAM + 32 prediction requests in TorchServe's batches against ``unioncam.explain``.
+8. ``batch-sweep``: ours UnionCAM bf16 and fp32 at 16 / 32 / 64 / 128 masked inputs per forward.
+9. ``summary.md``: device, driver, versions, commit and every figure, ready for the README.
 
 Files (all in ``--out``): ``gpu_check.log``, ``steps.json``, ``<step>.log`` for every step,
 ``preflight.json``, ``latency.json``, ``throughput.json``, ``batch-sweep.json``, ``precision-unioncam.json``,
-``precision-scorecam.json``, ``profile.json``, ``profile.txt``, ``kernel-tests.xml``, ``summary.md``;
+``precision-scorecam.json``, ``profile.json``, ``profile.txt``, ``kernel-tests.xml``, ``serving.json``, ``summary.md``;
 with ``--pack`` all but ``summary.md``, ``gpu_check.log`` and ``steps.json`` go into ``results.tar.gz``.
 ``--dry-run`` runs the same steps on CPU: the small trained ShapesCNN at 32² (a VGG16 explanation takes
 20–30 s on a 2-core CPU even at 32²), one or two images, kernels through Triton's interpreter, the
@@ -113,6 +115,9 @@ def _steps(a: argparse.Namespace, out: Path) -> list[Step]:
         Step("kernel-tests", 120, [py, "-m", "pytest", "-v", "-rA", "--tb=short", "-p", "no:cacheprovider",
                                    f"--junitxml={o}/kernel-tests.xml", *deselect, *tests], ["kernel-tests.xml"],
              env=test_env, kernels_switch=False),
+        # The TorchServe handler in-process on this device (benchmarks/gpu_serving.py: no Java needed).
+        Step("serving", 120, [py, str(BENCH / "gpu_serving.py"), "--out", f"{o}/serving.json"]
+             + (["--dry-run"] if a.dry_run else []), ["serving.json"]),
         # Two warm-up calls: both sample photos, whose last chunks differ, are autotuned before timing.
         Step("batch-sweep", 150, [py, bl, *model, *sweep, "--warmup", "1" if a.dry_run else "2", "--sequential",
                                   "--methods", "unioncam",

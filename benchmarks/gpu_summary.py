@@ -252,6 +252,15 @@ def write_summary(out: Path) -> str:
     else:
         L.append(f"not run to the end ({_status(steps, 'kernel-tests')}; see `kernel-tests.log`)")
 
+    # The serving step (its own script renders its table).
+    if "serving" in steps or (out / "serving.json").is_file():
+        try:
+            import gpu_serving  # noqa: PLC0415 - beside this file
+        except ImportError:
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            import gpu_serving  # noqa: PLC0415
+        L += gpu_serving.summary_lines(out)
+
     # Against the targets.
     if lat.get("rows") and lat.get("device_type") == "cuda":
         rows = lat["rows"]

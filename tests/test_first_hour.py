@@ -90,6 +90,18 @@ def test_every_subcommand_has_help_and_every_option_says_what_it_does(capsys):
             assert action.help and action.help.strip(), f"{name} {action.option_strings or action.dest}: no help"
 
 
+def test_the_command_line_reference_is_the_parsers_own():
+    """docs/cli.md is generated from the parser: a changed option or help text must regenerate it."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("cli_reference", root / "scripts" / "cli_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert (root / "docs" / "cli.md").read_text() == module.reference(), \
+        "docs/cli.md is stale: run python scripts/cli_reference.py"
+
+
 def test_the_same_things_have_the_same_names_everywhere():
     _, commands = _subcommands()
     model_commands = ("explain", "archive", "serve", "evaluate", "figure")

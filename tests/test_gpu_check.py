@@ -16,8 +16,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 JSONS = ["steps.json", "preflight.json", "latency.json", "throughput.json", "batch-sweep.json",
-         "precision-unioncam.json", "precision-scorecam.json", "profile.json"]
-STEPS = ["preflight", "latency", "throughput", "profile", "precision", "kernel-tests", "batch-sweep"]
+         "precision-unioncam.json", "precision-scorecam.json", "profile.json", "serving.json"]
+STEPS = ["preflight", "latency", "throughput", "profile", "precision", "kernel-tests", "serving", "batch-sweep"]
 
 
 @pytest.mark.slow
@@ -59,10 +59,17 @@ def test_dry_run_writes_every_file(tmp_path):
     assert prof["top"] and set(prof["group_s"]) == {"conv_gemm", "triton", "memcpy", "other"}
     assert (out / "profile.txt").read_text().strip()
 
+    serving = data["serving.json"]
+    assert serving["ok"] is True and set(serving["parts"]) == {"traps", "handler-tests", "load"}, serving
+    assert serving["parts"]["traps"]["oom"]["first"]["status"] == 507
+    modes = serving["parts"]["load"]["modes"]
+    assert modes["shared"]["shared_with"] > 1 and modes["alone"]["shared_with"] == 1
+    assert modes["shared"]["explain"]["statuses"] == [200] and modes["shared"]["selected_agree"] == "4/4"
+
     suite = ET.parse(out / "kernel-tests.xml").getroot()
     assert int(next(suite.iter("testsuite")).get("tests")) > 0
     summary = (out / "summary.md").read_text()
     for heading in ("# GPU check", "## Kernels against their torch twins", "## Latency per image", "## Throughput mode",
                     "## Masked inputs per forward", "## bf16 / fp16 against strict fp32", "## Profile of one UnionCAM",
-                    "## Kernel tests on this device"):
+                    "## Kernel tests on this device", "## The handler on this device"):
         assert heading in summary, heading

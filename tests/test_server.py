@@ -411,7 +411,8 @@ def test_archive_is_self_contained_and_tiny(server):
     cfg = yaml.safe_load(z.read("model-config.yaml"))
     assert cfg["handler"].pop("engine") == f"unioncam {unioncam.__version__} ({package_digest()})"
     assert cfg["handler"] == {"model": "vgg16", "image_size": SIZE, "method": "unioncam", "theta": 10.0,
-                              "layer": None, "batch_size": 64, "precision": "auto", "explain_slots": 1,
+                              "layer": None, "batch_size": 64, "precision": "auto", "device": "cpu",
+                              "explain_slots": None, "explain_wait_s": 0.0,
                               "explained_layer": "features.29", "channels": 512, "forward_gflops": 0.874,
                               "weights": "random", "seed": 0}
     assert cfg["batchSize"] == 4 and cfg["maxBatchDelay"] == 100 and cfg["responseTimeout"] == 120

@@ -62,19 +62,75 @@ class ArchiveSettings:
     layer: str | None = None
     batch_size: int | None = None  # masked inputs per forward; None: the engine's default for the device
     precision: str = "auto"  # dtype of the masked forwards; "auto" is resolved by each worker on its device
-    #: Requests TorchServe groups into one handler call. 1: a batch is answered all at once, so a slow
-    #: explanation would hold up (and share a timeout with) whatever shares its batch.
-    max_batch_size: int = 1
-    max_batch_delay_ms: int = 50
-    #: Seconds TorchServe waits for a batch; None: 5× the slowest method's CPU estimate at ``image_size``
-    #: per request (:func:`unioncam.serve.limits.response_timeout`), at least 120.
+    #: ``cpu`` or ``cuda``: the machine the archive is made for, which decides the defaults below
+    #: (``None``: ``cuda`` when this machine has a GPU). The worker still runs where TorchServe puts it
+    #: (its ``gpu_id``); a ``cuda`` archive on a machine without a GPU runs on the CPU with GPU settings.
+    device: str | None = None
+    #: Requests TorchServe groups into one handler call. CPU default 1: a batch is answered all at once, so
+    #: a slow explanation would hold up (and share a timeout with) whatever shares its batch. GPU default 8:
+    #: explanation requests of one batch (same method and θ) share their masked forwards' chunks.
+    max_batch_size: int | None = None
+    #: Milliseconds TorchServe waits to fill a batch: CPU 50; GPU 10 (an explanation takes ~80 ms there).
+    max_batch_delay_ms: int | None = None
+    #: Seconds TorchServe waits for a batch; None: 5× the slowest method's estimate on ``device`` at
+    #: ``image_size`` per request (:func:`unioncam.serve.limits.response_timeout`), at least 120.
     response_timeout_s: int | None = None
-    #: Worker processes; on a CPU each gets an equal share of the cores.
-    workers: int = 2
-    #: Masked-forward explanations (UnionCAM, Score-CAM, Group-CAM) running at once across the workers;
-    #: one more is answered 503 + Retry-After. None: workers − 1 (at least 1), so predictions and
-    #: gradient explanations always find a worker.
+    #: Worker processes; on a CPU each gets an equal share of the cores. None: 2 on a CPU,
+    #: ``gpus × workers_per_gpu`` on a GPU.
+    workers: int | None = None
+    #: GPU only: workers per GPU (TorchServe hands them ``gpu_id`` round-robin); default 2, one of them
+    #: kept for predictions while the other explains.
+    workers_per_gpu: int = 2
+    #: GPU only: the GPUs to serve on; None: this machine's (at least 1).
+    gpus: int | None = None
+    #: Masked-forward explanations (UnionCAM, Score-CAM, Group-CAM) running at once. None: follow the
+    #: live workers, ``live − 1`` (at least 1) across the model's workers on a CPU and per GPU on a GPU,
+    #: so predictions and gradient explanations always find a worker; a number fixes it.
     explain_slots: int | None = None
+    #: Seconds an explanation may wait for a slot; one whose estimated wait is longer gets 503 +
+    #: Retry-After. None: 0 on a CPU (refused at once); on a GPU four batches' estimate, at least 2 s.
+    explain_wait_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.device is None:
+            import torch
+
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        gpu = self.device == "cuda"
+        if self.max_batch_size is None:
+            self.max_batch_size = 8 if gpu else 1
+        if self.max_batch_delay_ms is None:
+            self.max_batch_delay_ms = 10 if gpu else 50
+        if gpu and self.gpus is None:
+            import torch
+
+            self.gpus = max(1, torch.cuda.device_count())
+        if self.workers is None:
+            self.workers = self.gpus * self.workers_per_gpu if gpu and isinstance(self.gpus, int) and \
+                isinstance(self.workers_per_gpu, int) else 2
+
+    @property
+    def on_gpu(self) -> bool:
+        """Whether the GPU settings are in force."""
+        return self.device == "cuda"
+
+    @property
+    def explain_wait(self) -> float:
+        """The explanation wait bound in force, in seconds."""
+        if self.explain_wait_s is not None:
+            return float(self.explain_wait_s)
+        if not self.on_gpu:
+            return 0.0
+        from .limits import explanation_seconds
+
+        cost = self.cost
+        batch = self.max_batch_size * explanation_seconds("unioncam", self.image_size, "cuda", cost.gflops,
+                                                          cost.channels, precision=self._gpu_precision)
+        return round(max(2.0, 4 * batch), 1)
+
+    @property
+    def _gpu_precision(self) -> str:
+        return "bf16" if self.precision == "auto" else self.precision
 
     @property
     def cost(self):
@@ -91,12 +147,29 @@ class ArchiveSettings:
         from .limits import response_timeout
 
         cost = self.cost
-        return response_timeout(self.image_size, self.max_batch_size, gflops=cost.gflops, channels=cost.channels)
+        return response_timeout(self.image_size, self.max_batch_size, self.device, gflops=cost.gflops,
+                                channels=cost.channels, precision=self._gpu_precision)
 
     @property
     def slots(self) -> int:
-        """The explanation slots in force."""
-        return self.explain_slots if self.explain_slots is not None else max(1, self.workers - 1)
+        """The explanation slots in force when every archived worker runs (per GPU on a GPU)."""
+        if self.explain_slots is not None:
+            return self.explain_slots
+        per = self.workers_per_gpu if self.on_gpu else self.workers
+        return max(1, per - 1)
+
+    @property
+    def slots_text(self) -> str:
+        """The slot rule in words, for start-up lines."""
+        where = "per GPU" if self.on_gpu else "across the workers"
+        if self.explain_slots is not None:
+            rule = f"{self.explain_slots} {where} (fixed)"
+        else:
+            per = self.workers_per_gpu if self.on_gpu else self.workers
+            rule = f"live workers − 1 {where} ({self.slots} with {per})"
+        wait = self.explain_wait
+        return rule + (f"; one more waits up to {wait:g} s, then 503 + Retry-After" if wait
+                       else "; one more gets 503 + Retry-After")
 
     def yaml(self) -> str:
         """``model-config.yaml``'s text; it names the package's digest, so changed code reads as changed."""
@@ -107,7 +180,8 @@ class ArchiveSettings:
         cost = self.cost
         handler = {"model": self.model, "image_size": self.image_size, "method": self.method, "theta": self.theta,
                    "layer": self.layer, "batch_size": self.batch_size, "precision": self.precision,
-                   "explain_slots": self.slots, "explained_layer": cost.layer, "channels": cost.channels,
+                   "device": self.device, "explain_slots": self.explain_slots,
+                   "explain_wait_s": self.explain_wait, "explained_layer": cost.layer, "channels": cost.channels,
                    "forward_gflops": round(cost.gflops, 3)}
         if self.weights == "random":
             handler.update(weights="random", seed=self.seed)
@@ -149,12 +223,19 @@ class ArchiveSettings:
         validate_method(self.method)
         validate_theta(self.theta)
         validate_precision(self.precision)
-        for name in ("image_size", "batch_size", "max_batch_size", "workers", "response_timeout_s", "explain_slots"):
+        if self.device not in ("cpu", "cuda"):
+            raise InvalidInputError("device", f"{self.device!r}", "cpu or cuda")
+        if self.explain_wait_s is not None and not (isinstance(self.explain_wait_s, (int, float))
+                                                    and 0 <= self.explain_wait_s <= 3600):
+            raise InvalidInputError("explain-wait", f"{self.explain_wait_s!r}", "seconds in [0, 3600]")
+        for name in ("image_size", "batch_size", "max_batch_size", "max_batch_delay_ms", "workers",
+                     "workers_per_gpu", "response_timeout_s", "explain_slots"):
             v = getattr(self, name)
             if name in ("batch_size", "response_timeout_s", "explain_slots") and v is None:
                 continue
-            if not isinstance(v, int) or v < 1:
-                raise InvalidInputError(name.replace("_", "-"), f"{v!r}", "an integer ≥ 1")
+            low = 0 if name == "max_batch_delay_ms" else 1
+            if not isinstance(v, int) or v < low:
+                raise InvalidInputError(name.replace("_", "-").replace("-ms", ""), f"{v!r}", f"an integer ≥ {low}")
         self.cost  # noqa: B018 — a size the model cannot take (too small, or not a ViT's own) or an unknown layer
 
 

@@ -3,8 +3,13 @@
 The wire format is :mod:`unioncam.serve.protocol`'s and the algorithm the package's; this class only
 adapts TorchServe's calls to them. Every request of a batch is parsed, validated and answered on its own,
 so one bad upload gets its own 4xx (``context.set_response_status(code, phrase, idx)``) while the others
-of its batch are still served. TorchServe itself is imported only for its metric dimensions, so the
-handler runs in-process in tests without it.
+of its batch are still served. TorchServe itself is imported only for its metric dimensions, and only when
+the context has metrics, so the handler runs in-process (tests, the GPU check) without it.
+
+An archive made for a GPU (``device: cuda`` in its settings) changes two things, whatever device the worker
+actually got: the explanation requests of one batch with the same method and θ go through one
+:func:`~unioncam.explain_batch` (their masked inputs share chunks), and an explanation that finds every
+slot of its GPU taken waits for one up to the archive's bound (:class:`~unioncam.serve.limits.Slots`).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..api import explain
+from ..api import explain, explain_batch
 from ..core.capture import black_probs, model_dtype
 from ..core.scorer import resolve_precision
 from ..errors import InvalidInputError
@@ -29,12 +34,33 @@ from ..models import load_model
 from ..validation import validate_method, validate_precision, validate_theta
 from ..viz import overlay_png
 from . import protocol
-from .limits import Slots, explanation_seconds
+from .limits import Slots, WorkerLease, explanation_seconds
 from .protocol import Item, Request
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["UnionCAMHandler", "handle"]
+
+#: Test hook: seconds every masked-forward explanation holds its slot on top of its work (unset: none).
+DELAY_ENV = "UNIONCAM_SERVE_TEST_DELAY_S"
+
+
+def _worker_device(gpu_id: Any) -> tuple[torch.device, str | None]:
+    """The worker's device from TorchServe's ``gpu_id``, and the log line of a fall-back to the CPU.
+
+    TorchServe passes ``None`` (or no key) when it was started without GPUs; ``cuda:None`` would fail.
+    """
+    if gpu_id is None or gpu_id == "":
+        return torch.device("cpu"), "TorchServe gave this worker no GPU (gpu_id None: number_of_gpu=0 or none visible)"
+    try:
+        index = int(gpu_id)
+    except (TypeError, ValueError):
+        return torch.device("cpu"), f"gpu_id {gpu_id!r} is not a GPU index"
+    if not torch.cuda.is_available():
+        return torch.device("cpu"), f"gpu_id {index} but CUDA is not available to torch here"
+    if not 0 <= index < torch.cuda.device_count():
+        return torch.device("cpu"), f"gpu_id {index} but torch sees {torch.cuda.device_count()} GPU(s)"
+    return torch.device(f"cuda:{index}"), None
 
 
 class UnionCAMHandler:
@@ -50,15 +76,25 @@ class UnionCAMHandler:
         cfg = dict((context.model_yaml_config or {}).get("handler", {}) or {})
         self.layer = cfg.get("layer") or None
         self.batch_size = int(cfg["batch_size"]) if cfg.get("batch_size") is not None else None
-        gpu = props.get("gpu_id")
-        self.device = torch.device(f"cuda:{gpu}" if gpu is not None and torch.cuda.is_available() else "cpu")
+        self.device, note = _worker_device(props.get("gpu_id"))
+        if note is not None:  # a warning where a GPU was there to use
+            logger.log(logging.WARNING if torch.cuda.is_available() else logging.INFO,
+                       "unioncam handler: %s: serving on the CPU", note)
+        #: The archive's settings were made for a GPU: share chunks across a batch, queue for slots.
+        self.gpu_settings = cfg.get("device", "cpu") == "cuda"
         # An archive's "auto" is decided here, on this worker's device; one older than it meant fp32.
         self.precision = resolve_precision(validate_precision(cfg.get("precision", "fp32")), self.device)
         workers = int((context.model_yaml_config or {}).get("minWorkers", 1) or 1)
         if self.device.type == "cpu" and workers > 1:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))  # the workers share the cores
-        # Explanations with masked forwards at once across this model's workers (they share model_dir).
-        self.slots = Slots(f"{model_dir}:{context.model_name}", cfg.get("explain_slots"))
+        # Explanations with masked forwards at once across this model's workers (they share model_dir);
+        # with GPU settings, per GPU. Each worker holds a lease for its life: the slots follow the live ones.
+        key = f"{model_dir}:{context.model_name}"
+        group = (str(self.device.index) if self.device.type == "cuda" else "cpu") if self.gpu_settings else ""
+        self.lease = WorkerLease(key, group)
+        self.slots = Slots(f"{key}:{group}", cfg.get("explain_slots"), self.lease,
+                           wait_s=float(cfg.get("explain_wait_s") or 0))
+        self.delay_s = float(os.environ.get(DELAY_ENV) or 0)
         name = cfg.get("model", "vgg16")
         if cfg.get("weights", "file") == "random":
             seed = int(cfg.get("seed", 0))
@@ -95,9 +131,11 @@ class UnionCAMHandler:
         self.initialized = True
         logger.info(
             "unioncam handler ready: engine %s from %s, model %s, weights %s, image %d, method %s, theta %g, "
-            "device %s, precision %s", __version__, os.path.dirname(os.path.dirname(os.path.dirname(__file__))), name, source,
+            "device %s (%s settings), precision %s, explanation slots %s (wait %g s)", __version__,
+            os.path.dirname(os.path.dirname(os.path.dirname(__file__))), name, source,
             self.defaults.image_size, self.defaults.method, self.defaults.theta, self.device,
-            self.precision,
+            "gpu" if self.gpu_settings else "cpu", self.precision,
+            "live workers - 1" if self.slots.fixed is None else self.slots.fixed, self.slots.wait_s,
         )
 
     # ------------------------------------------------------------------------------------ answering
@@ -111,7 +149,7 @@ class UnionCAMHandler:
     def _seconds(self, item: Item) -> float:
         """The estimated seconds of ``item`` on this worker's device (all its classes)."""
         return explanation_seconds(item.method, self.defaults.image_size, self.device.type, self.gflops,
-                                   self.channels, item.targets)
+                                   self.channels, item.targets, precision=self.precision)
 
     def _admit(self, item: Item) -> None:
         """Refuse several classes of a masked method that would take over half the response timeout."""
@@ -124,24 +162,40 @@ class UnionCAMHandler:
                 f"here, more than half the server's response timeout ({self.timeout} s)",
                 "fewer classes per request, or a gradient method (gradcam, layercam, ...)")
 
-    def _explain(self, item: Item, idx: int) -> dict[str, Any] | list[dict[str, Any]] | bytes:
+    def _run(self, items: list[Item]) -> tuple[list[list[Any]], float]:
+        """The explanations of ``items`` (a list per item) and the milliseconds they took.
+
+        One item: :func:`~unioncam.explain`, the same map as the library's on this image. Several (one
+        class each, same method and θ): one :func:`~unioncam.explain_batch`, their masked inputs scored
+        in shared chunks; each map equals the library's on its own image to float rounding (the chunks
+        hold other images, so a convolution may sum in another order).
+        """
         start = time.perf_counter()
-        # One explanation per call: the map is then the same as unioncam.explain on this image, whatever
-        # else shares the batch; masked inputs are already batched inside one explanation. Several classes
-        # of one image share its forward and their masked inputs share chunks.
-        out = explain(self.model, item.pixels, method=item.method, target=item.target, top_k=item.top_k,
-                      theta=item.theta, layer=self.layer, batch_size=self.batch_size, precision=self.precision)
-        explain_ms = (time.perf_counter() - start) * 1000
-        results = out if isinstance(out, list) else [out]
+        first = items[0]
+        if len(items) == 1:
+            out = explain(self.model, first.pixels, method=first.method, target=first.target, top_k=first.top_k,
+                          theta=first.theta, layer=self.layer, batch_size=self.batch_size, precision=self.precision)
+            results = [out if isinstance(out, list) else [out]]
+        else:
+            out = explain_batch(self.model, [it.pixels for it in items], targets=[it.target for it in items],
+                                method=first.method, theta=first.theta, layer=self.layer,
+                                batch_size=self.batch_size, precision=self.precision)
+            results = [[r] for r in out]
+        if self.delay_s and get_method(first.method).masked:
+            time.sleep(self.delay_s)
+        return results, (time.perf_counter() - start) * 1000
+
+    def _encode(self, item: Item, results: list[Any], explain_ms: float, idx: int, shared: int = 1):
         for res in results:
             res.details["weights"] = self.weights_label
-            self._metrics(res, explain_ms / len(results), idx)
+            self._metrics(res, explain_ms / len(results) / shared, idx)
         t0 = time.perf_counter()
         if item.format == "png":
             return overlay_png(item.pixels, results[0].saliency)
-        bodies = [protocol.explanation_body(res, self.categories[res.target],
-                                            {"decode_ms": item.decode_ms, "explain_ms": explain_ms})
-                  for res in results]
+        timings = {"decode_ms": item.decode_ms, "explain_ms": explain_ms}
+        if shared > 1:
+            timings["shared_with"] = shared  # explain_ms is the whole shared call's
+        bodies = [protocol.explanation_body(res, self.categories[res.target], dict(timings)) for res in results]
         for body in bodies:
             body["timings"]["encode_ms"] = (time.perf_counter() - t0) * 1000
         return bodies if item.several else bodies[0]
@@ -150,7 +204,10 @@ class UnionCAMHandler:
         metrics = getattr(self.context, "metrics", None)
         if metrics is None:
             return
-        from ts.metrics.dimension import Dimension
+        try:
+            from ts.metrics.dimension import Dimension
+        except ImportError:  # in-process without TorchServe (the GPU check): metrics are TorchServe's
+            return
 
         # Fresh dimension lists every call: the metrics API appends to the list it is given.
         metrics.add_time("ExplanationLatency", explain_ms, idx=idx, unit="ms",
@@ -161,6 +218,54 @@ class UnionCAMHandler:
             pruned = res.details["channels"] - res.details["active_channels"]
             metrics.add_counter("PrunedChannels", int(pruned), idx=idx, dimensions=[Dimension("Method", res.method)])
             metrics.add_counter("SelectedMap", 1, idx=idx, dimensions=[Dimension("Selected", res.details["selected"])])
+
+    def _units(self, reqs: dict[int, Request]) -> list[list[tuple[int, int, Item]]]:
+        """The engine calls of a batch's explanation requests: each a list of (request, item index, item).
+
+        CPU settings: one call per item. GPU settings: items of one class each with the same method and θ
+        share one call (across requests); any other item runs on its own.
+        """
+        units: list[list[tuple[int, int, Item]]] = []
+        groups: dict[tuple[str, float], list[tuple[int, int, Item]]] = {}
+        for idx, req in reqs.items():
+            for j, it in enumerate(req.items):
+                if self.gpu_settings and not it.several:
+                    groups.setdefault((it.method, it.theta), []).append((idx, j, it))
+                else:
+                    units.append([(idx, j, it)])
+        return units + list(groups.values())
+
+    def _explain_unit(self, context: Any, unit: list[tuple[int, int, Item]], answers: dict, failed: dict) -> None:
+        """Run one engine call under a slot (masked methods); a failure falls back to each item alone."""
+        unit = [u for u in unit if u[0] not in failed]
+        if not unit:
+            return
+        slow = get_method(unit[0][2].method).masked
+        seconds = sum(self._seconds(it) for _, _, it in unit)
+        with (self.slots.acquire(seconds) if slow else contextlib.nullcontext(True)) as free:
+            if not free:
+                for idx, _, it in unit:
+                    failed.setdefault(idx, ("busy", None))
+                return
+            try:
+                results, ms = self._run([it for _, _, it in unit])
+            except Exception as exc:  # noqa: BLE001 — one call for several requests: retry each alone
+                if len(unit) == 1:
+                    failed.setdefault(unit[0][0], ("error", exc))
+                    if isinstance(exc, torch.cuda.OutOfMemoryError):
+                        _free_cuda_memory()
+                    return
+                logger.warning("shared explanation of %d requests failed (%s); each runs alone",
+                               len(unit), type(exc).__name__)
+                if isinstance(exc, torch.cuda.OutOfMemoryError):
+                    _free_cuda_memory()
+                results = None
+            if results is not None:
+                for (idx, j, it), res in zip(unit, results):
+                    answers[(idx, j)] = self._encode(it, res, ms, idx, len(unit))
+                return
+        for u in unit:  # outside the slot: each takes its own
+            self._explain_unit(context, [u], answers, failed)
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[Any]:
         """Answer every request of the batch: a dict (JSON), bytes (PNG) or a JSON error with a 4xx/5xx."""
@@ -190,21 +295,37 @@ class UnionCAMHandler:
                     answers[(idx, j)] = ans
             except Exception as exc:  # noqa: BLE001 — a failed forward must not lose the explanations
                 logger.exception("prediction forward failed")
+                if isinstance(exc, torch.cuda.OutOfMemoryError):
+                    _free_cuda_memory()
                 for idx in {i for i, _, _ in pred}:
-                    self._fail(context, idx, out, 500, InvalidInputError("model", f"prediction failed: {exc}"))
+                    self._fail_error(context, idx, out, exc, "prediction")
                     parsed.pop(idx, None)
+        explaining: dict[int, Request] = {}
         for idx, req in list(parsed.items()):
-            try:
-                if req.explain:
+            if req.explain:
+                try:
                     for it in req.items:  # before taking a slot: a refused request holds none
                         self._admit(it)
-                    slow = any(get_method(it.method).masked for it in req.items)
-                    with (self.slots.acquire() if slow else contextlib.nullcontext(True)) as free:
-                        if not free:
-                            self._busy(context, idx, out, req)
-                            continue
-                        for j, it in enumerate(req.items):
-                            answers[(idx, j)] = self._explain(it, idx)
+                except InvalidInputError as exc:
+                    self._fail(context, idx, out, 400, exc)
+                    parsed.pop(idx)
+                    continue
+                explaining[idx] = req
+        failed: dict[int, tuple[str, Exception | None]] = {}
+        for unit in self._units(explaining):
+            self._explain_unit(context, unit, answers, failed)
+        for idx, req in parsed.items():
+            if idx in failed:
+                kind, exc = failed[idx]
+                if kind == "busy":
+                    self._busy(context, idx, out, req)
+                elif isinstance(exc, InvalidInputError):
+                    self._fail(context, idx, out, 400, exc)
+                else:
+                    logger.error("request %d failed: %s: %s", idx, type(exc).__name__, exc)
+                    self._fail_error(context, idx, out, exc, "request")
+                continue
+            try:
                 body, content_type = protocol.encode(req, [answers[(idx, j)] for j in range(len(req.items))],
                                                      context.model_name)
                 context.set_response_content_type(idx, content_type)
@@ -216,12 +337,27 @@ class UnionCAMHandler:
                 self._fail(context, idx, out, 500, InvalidInputError("request", f"failed in the engine: {exc}"))
         return out
 
+    def _fail_error(self, context: Any, idx: int, out: list[Any], exc: Exception, what: str) -> None:
+        """A 507 for running out of GPU memory (the worker goes on serving), else a 500."""
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            context.set_response_header(idx, "Retry-After", "5")
+            said = str(exc).splitlines()[0][:160] if str(exc) else "CUDA out of memory"
+            self._fail(context, idx, out, 507, InvalidInputError(
+                "server", f"ran out of GPU memory on this {what} ({said}); "
+                "the memory was released and the worker goes on serving",
+                "a retry after a few seconds (Retry-After), fewer classes per request, or an archive "
+                "with a smaller --batch-size"))
+            return
+        self._fail(context, idx, out, 500, InvalidInputError(what, f"failed in the engine: {exc}"))
+
     def _busy(self, context: Any, idx: int, out: list[Any], req: Request) -> None:
         """503 + Retry-After: every explanation slot is taken (TorchServe would otherwise queue it)."""
-        seconds = max(1, math.ceil(max(self._seconds(it) for it in req.items)))
+        own = max(self._seconds(it) for it in req.items)
+        seconds = max(1, math.ceil(max(own, self.slots.estimated_wait_s)))
         context.set_response_header(idx, "Retry-After", str(seconds))
+        waited = f" and the wait for one was estimated over {self.slots.wait_s:g} s" if self.slots.wait_s else ""
         self._fail(context, idx, out, 503, InvalidInputError(
-            "server", f"is running {self.slots.n} explanation(s) with masked forwards, its limit",
+            "server", f"is running {self.slots.n} explanation(s) with masked forwards, its limit{waited}",
             f"a retry after about {seconds} s (Retry-After), or a gradient method (gradcam, layercam, ...)"))
 
     @staticmethod
@@ -229,9 +365,17 @@ class UnionCAMHandler:
         out[idx] = protocol.error_body(code, exc)
         context.set_response_content_type(idx, "application/json")
         # The reason phrase goes into the HTTP status line: ASCII only; the JSON body has the full message.
-        phrase = {500: "Internal Server Error", 503: "Service Unavailable"}.get(code, f"invalid {exc.field}")
+        phrase = {500: "Internal Server Error", 503: "Service Unavailable",
+                  507: "Insufficient Storage"}.get(code, f"invalid {exc.field}")
         phrase = phrase.encode("ascii", "replace").decode("ascii")[:80]
         context.set_response_status(code, phrase, idx)
+
+
+def _free_cuda_memory() -> None:
+    """After an out-of-memory error: hand the cached blocks back so the next request starts clean."""
+    if torch.cuda.is_available():
+        with contextlib.suppress(Exception):
+            torch.cuda.empty_cache()
 
 
 def _header(context: Any, idx: int, name: str) -> str | None:

@@ -66,11 +66,15 @@ def template() -> str:
     return resources.files("unioncam.serve").joinpath("config.properties").read_text()
 
 
-def config_text(ports: Ports, max_request_mb: int = 16, max_response_mb: int = 16) -> str:
+def config_text(ports: Ports, max_request_mb: int = 16, max_response_mb: int = 16,
+                model_api: bool = False) -> str:
     """``config.properties`` for ``ports``: the shipped template with its addresses moved to those ports
-    and its body limits set."""
+    and its body limits set. ``model_api``: ``enable_model_api=true``, which lets ``POST /models`` register
+    (and ``DELETE`` unregister) archives through the management API — anyone holding the management key
+    can then load code into the server."""
     mb = 1024 * 1024
     return set_properties(template(), {
+        "enable_model_api": "true" if model_api else "false",
         "inference_address": f"http://127.0.0.1:{ports.inference}",
         "management_address": f"http://127.0.0.1:{ports.management}",
         "metrics_address": f"http://127.0.0.1:{ports.metrics}",
@@ -246,7 +250,8 @@ def _settings(args: argparse.Namespace) -> ArchiveSettings:
                            theta=args.theta, layer=args.layer, batch_size=args.batch_size, precision=args.precision,
                            max_batch_size=args.max_batch_size, max_batch_delay_ms=args.max_batch_delay,
                            response_timeout_s=args.response_timeout, workers=args.workers,
-                           explain_slots=args.explain_slots)
+                           explain_slots=args.explain_slots, device=args.device,
+                           workers_per_gpu=args.workers_per_gpu, explain_wait_s=args.explain_wait)
 
 
 def _resolve(args: argparse.Namespace, command: str) -> None:
@@ -360,8 +365,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
               + _try_line(server.url, args.name, key, settings.model) +
               f"token: {key}  (in {run_dir / 'key_file.json'}; expires {_expiry(run_dir)}; renew with "
               f"`unioncam token --runs {args.runs}`)\n"
-              f"workers: {settings.workers}, explanations with masked forwards at once: {settings.slots}, "
-              f"response timeout: {settings.timeout} s\n"
+              f"device: {settings.device}; workers: {settings.workers}, batches of up to {settings.max_batch_size} "
+              f"({settings.max_batch_delay_ms} ms), response timeout: {settings.timeout} s\n"
+              f"explanations with masked forwards at once: {settings.slots_text}\n"
               f"metrics: {server.metrics_url}/metrics   logs: {server.log_dir}\n"
               + (f"viewer: {viewer.url}/  (the browser page; it holds the token, answers only 127.0.0.1)\n"
                  if viewer else "")
@@ -377,6 +383,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         if viewer is not None:
             viewer.stop()
         server.stop()
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    """Print ``config.properties`` for a plain ``torchserve --start`` (docs/torchserve.md)."""
+    base = args.port
+    ports = Ports(base, base + 1, base + 2, base + 3, base + 4) if base is not None else Ports()
+    text = config_text(ports, model_api=args.enable_model_api)
+    if args.model_store:
+        text = set_properties(text, {"model_store": str(Path(args.model_store).resolve())})
+    sys.stdout.write(text)
+    return 0
 
 
 def _cmd_token(args: argparse.Namespace) -> int:
@@ -430,17 +447,27 @@ def _add_archive_options(p: argparse.ArgumentParser) -> None:
                    help="auto (bf16 on CUDA and on CPUs with native bf16, else fp32; decided by each worker "
                    "on its device), fp32 (strict float32), tf32 (CUDA), or bf16/fp16 for the masked forwards "
                    "(autocast; scores stay float32); default auto")
-    p.add_argument("--max-batch-size", type=int, default=1,
-                   help="requests per handler call; default 1 (a batch is answered all at once: a slow "
-                   "explanation would hold up its batch-mates)")
-    p.add_argument("--max-batch-delay", type=int, default=50, help="ms TorchServe waits to fill a batch; default 50")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="the machine the defaults are made for (batching, workers, timeouts, slots); "
+                   "default cuda when this machine has a GPU, else cpu")
+    p.add_argument("--max-batch-size", type=int, default=None,
+                   help="requests per handler call; default 1 on cpu (a batch is answered all at once: a slow "
+                   "explanation would hold up its batch-mates), 8 on cuda (explanations of one batch share chunks)")
+    p.add_argument("--max-batch-delay", type=int, default=None,
+                   help="milliseconds TorchServe waits to fill a batch; default 50 on cpu, 10 on cuda")
     p.add_argument("--response-timeout", type=int, default=None,
-                   help="seconds per batch; default 5× the slowest method's CPU estimate at --image-size, ≥ 120 "
-                   "(224²: 736 s, 64²: 120 s)")
-    p.add_argument("--workers", type=int, default=2, help="worker processes (they share the CPU cores); default 2")
+                   help="seconds per batch; default 5× the slowest method's estimate on --device at --image-size, "
+                   "≥ 120 (cpu 224²: 736 s, 64²: 120 s)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes; default 2 on cpu (they share the cores), GPUs × --workers-per-gpu on cuda")
+    p.add_argument("--workers-per-gpu", type=int, default=2,
+                   help="cuda: workers per GPU (one is kept for predictions while another explains); default 2")
     p.add_argument("--explain-slots", type=int, default=None,
-                   help="UnionCAM/Score-CAM/Group-CAM explanations at once; one more gets 503 + Retry-After; "
-                   "default workers − 1 (predictions always find a worker)")
+                   help="UnionCAM/Score-CAM/Group-CAM explanations at once; default the live workers − 1 "
+                   "(per GPU on cuda), so predictions always find a worker, following scaling")
+    p.add_argument("--explain-wait", type=float, default=None,
+                   help="seconds an explanation may wait for a slot before 503 + Retry-After; default 0 on cpu "
+                   "(refused at once), on cuda four batches' estimate (at least 2 s)")
 
 
 def add_parser(subparsers: Any) -> None:
@@ -477,6 +504,18 @@ def add_parser(subparsers: Any) -> None:
     sv.add_argument("--viewer-port", type=port_arg, default=None,
                     help="the page's port (implies --viewer); default the inference port + 10 (8090)")
     sv.set_defaults(func=_cmd_serve)
+    cf = subparsers.add_parser("config", help="print a config.properties for plain `torchserve --start`",
+                               description="Print the shipped config.properties (loopback only, token "
+                               "authorization on) for a TorchServe you start yourself: "
+                               "torchserve --start --ts-config config.properties (docs/torchserve.md).")
+    cf.add_argument("--port", type=int, default=None,
+                    help="base port: inference BASE, management BASE+1, metrics BASE+2, gRPC BASE+3/BASE+4; "
+                    "default 8080/8081/8082/7070/7071")
+    cf.add_argument("--enable-model-api", action="store_true",
+                    help="let POST /models register archives through the management API (whoever holds the "
+                    "management key can then load code into the server); default off")
+    cf.add_argument("--model-store", default=None, help="write model_store=PATH (absolute) into the file")
+    cf.set_defaults(func=_cmd_config)
     tk = subparsers.add_parser("token", help="renew the key of a running server (keys expire after 60 minutes)",
                                description="Ask the running server for a new key (TorchServe's token API, "
                                "authorised by the run's API key) and print it; key_file.json is updated.")
