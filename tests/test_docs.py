@@ -8,7 +8,9 @@ checkout): the page's shell blocks in order in one ``bash`` (``set -eo pipefail`
 blocks in order in one fresh interpreter. Shell blocks that call ``127.0.0.1:8080`` (inference),
 ``:8081`` (management) or ``:8082`` (metrics) are pointed at one ``unioncam serve`` started for the
 session (the trained shapes CNN at 64², one worker) on free ports, whose run folder is the scratch
-folder's ``runs/current``.
+folder's ``runs/current``. A page whose examples need a server of their own (plain ``torchserve
+--start``) says ``<!-- examples-run-by: tests/test_NAME.py -->`` on a line of its own: that test runs them,
+and this one only checks that it exists and reads the page.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LANGS = {"python": "python", "py": "python", "bash": "bash", "sh": "bash", "shell": "bash"}
 NOT_RUN = re.compile(r"^<!--\s*not-run:(.*?)-->\s*$")
 FENCE = re.compile(r"^(```+|~~~+)\s*([\w+-]*)")
+OWN_RUNNER = re.compile(r"^<!--\s*examples-run-by:\s*(\S+)\s*-->\s*$", re.M)
 ADDRESS = re.compile(r"\b(127\.0\.0\.1|localhost):(8080|8081|8082)\b")
 # Repository entries the scratch folder does not link (outputs of the examples, builds, the venv).
 NOT_LINKED = {"out", "runs", "model_store", "site", "eval-out", "figure.png", ".venv", ".git"}
@@ -78,8 +81,14 @@ def blocks(page: Path) -> list[Block]:
     return out
 
 
+def own_runner(page: Path) -> str | None:
+    """The test file that runs ``page``'s examples itself, if the page names one."""
+    m = OWN_RUNNER.search(page.read_text(encoding="utf-8"))
+    return m.group(1) if m else None
+
+
 ALL = [b for p in PAGES for b in blocks(p)]
-RUN_PAGES = [p for p in PAGES if any(b.skip is None for b in blocks(p))]
+RUN_PAGES = [p for p in PAGES if own_runner(p) is None and any(b.skip is None for b in blocks(p))]
 
 
 # ------------------------------------------------------------------------------------------- build
@@ -125,6 +134,11 @@ def test_docs_examples_are_run_or_say_why_not():
     assert not no_reason, f"not-run marks without a reason: {no_reason}"
     run = len(ALL) - len(skipped)
     assert run > 0
+    for page in PAGES:  # a page run by a test of its own: that test exists and reads this page
+        runner = own_runner(page)
+        if runner is not None:
+            assert (ROOT / runner).is_file(), f"{page.name} names {runner}, which does not exist"
+            assert page.name in (ROOT / runner).read_text("utf-8"), f"{runner} does not read {page.name}"
     summary = "; ".join(f"{b.where} ({b.skip})" for b in skipped)
     warnings.warn(f"docs examples: {run} blocks run, {len(skipped)} not run: {summary}", stacklevel=1)
 
