@@ -149,8 +149,9 @@ def test_docs_examples_are_run_or_say_why_not():
 def _env() -> dict[str, str]:
     bindir = str(Path(sys.executable).parent)
     path = f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"
+    # `source scripts/bootstrap.sh` in an example finds this environment instead of making a new one.
     return {**os.environ, "PATH": path, "TRITON_INTERPRET": "1", "MPLBACKEND": "Agg",
-            "NO_MKDOCS_2_WARNING": "1"}
+            "NO_MKDOCS_2_WARNING": "1", "UNIONCAM_VENV": sys.prefix}
 
 
 @pytest.fixture(scope="session")
