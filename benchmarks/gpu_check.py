@@ -20,10 +20,12 @@ passed since the start (and none is given more than what is left of it):
 5. ``precision``: bf16 and fp16 maps (UnionCAM, Score-CAM) against strict fp32 ones (VGG16).
 6. ``kernel-tests``: ``tests/test_kernels*.py`` on the compiled kernels (pytest's output and JUnit XML).
 7. ``batch-sweep``: ours UnionCAM bf16 and fp32 at 16 / 32 / 64 / 128 masked inputs per forward.
-8. ``summary.md``: device, driver, versions, commit and every figure, ready for the README.
+8. ``ab``: the fast path's A/B (``benchmarks/gpu_ab.py``): today's path against fixed chunks, pool-first,
+   CUDA graphs, ``torch.compile``, all of them, and all at 128 inputs per forward, same images, one process.
+9. ``summary.md``: device, driver, versions, commit and every figure, ready for the README.
 
 Files (all in ``--out``): ``gpu_check.log``, ``steps.json``, ``<step>.log`` for every step,
-``preflight.json``, ``latency.json``, ``throughput.json``, ``batch-sweep.json``, ``precision-unioncam.json``,
+``preflight.json``, ``latency.json``, ``throughput.json``, ``batch-sweep.json``, ``ab.json``, ``precision-unioncam.json``,
 ``precision-scorecam.json``, ``profile.json``, ``profile.txt``, ``kernel-tests.xml``, ``summary.md``;
 with ``--pack`` all but ``summary.md``, ``gpu_check.log`` and ``steps.json`` go into ``results.tar.gz``.
 ``--dry-run`` runs the same steps on CPU: the small trained ShapesCNN at 32² (a VGG16 explanation takes
@@ -81,18 +83,22 @@ def _steps(a: argparse.Namespace, out: Path) -> list[Step]:
         prof = model + ["--warmup", "1"]
         tests = [str(ROOT / "tests" / "test_kernels_dispatch.py")]
         test_env: dict[str, str] = {}
+        ab = ["--dry-run", "--threads", "2"]
     else:
         model = ["--model", a.model or "vgg16", "--size", "224"]
-        lat = model + ["--images", "8", "--reference-images", "2", "--warmup", "2"]
+        # Repeats trimmed (8 → 6 images, throughput 16 → 8, precision 6 → 4) to leave the A/B step its time
+        # within the 8 minutes (the H100 pass of 2026-11-27: latency 106 s, throughput 65 s, precision 80 s).
+        lat = model + ["--images", "6", "--reference-images", "2", "--warmup", "2"]
         ours = "fp32,tf32,bf16,fp16"
-        tp, sweep = ["--throughput", "8", "--images", "16"], ["--batch-size", "16,32,64,128", "--images", "2"]
+        tp, sweep = ["--throughput", "8", "--images", "8"], ["--batch-size", "16,32,64,128", "--images", "2"]
         tp_precisions = "bf16,fp16"  # the throughput target concerns half precision; fp32/tf32 cost minutes
         # Two CPU-side tests (an offline sm_90 build, a subprocess without Triton) that CI runs anyway.
         deselect = ["-k", "not test_kernels_compile_for_hopper and not test_package_works_without_triton"]
-        prec = ["--model", a.model or "vgg16", "--size", "224", "--images", "6"]
+        prec = ["--model", a.model or "vgg16", "--size", "224", "--images", "4"]
         prof = model + ["--warmup", "3"]
         tests = sorted(glob.glob(str(ROOT / "tests" / "test_kernels*.py")))
         test_env = {"UNIONCAM_TEST_DEVICE": "cuda"}
+        ab = ["--model", a.model or "vgg16", "--size", "224", "--images", "6", "--budget", "100"]
     bl, bp = str(BENCH / "bench_latency.py"), str(BENCH / "bench_precision.py")
     # Ordered by what the figures are worth against what they risk: the batch-size sweep (many new shapes,
     # each autotuned) goes last and runs its entries one after the other, so a cut-off sweep keeps some.
@@ -114,9 +120,10 @@ def _steps(a: argparse.Namespace, out: Path) -> list[Step]:
                                    f"--junitxml={o}/kernel-tests.xml", *deselect, *tests], ["kernel-tests.xml"],
              env=test_env, kernels_switch=False),
         # Two warm-up calls: both sample photos, whose last chunks differ, are autotuned before timing.
-        Step("batch-sweep", 150, [py, bl, *model, *sweep, "--warmup", "1" if a.dry_run else "2", "--sequential",
-                                  "--methods", "unioncam",
-                                  "--precision", "bf16,fp32", "--out", f"{o}/batch-sweep.json"], ["batch-sweep.json"]),
+        Step("batch-sweep", 90, [py, bl, *model, *sweep, "--warmup", "1" if a.dry_run else "2", "--sequential",
+                                 "--methods", "unioncam",
+                                 "--precision", "bf16,fp32", "--out", f"{o}/batch-sweep.json"], ["batch-sweep.json"]),
+        Step("ab", 150, [py, str(BENCH / "gpu_ab.py"), *ab, "--out", f"{o}/ab.json"], ["ab.json"]),
     ]
 
 
@@ -212,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "gpu-out"),
                     help="folder for every file (default: $OUT, else gpu-out/)")
     ap.add_argument("--budget", type=float, default=None,
-                    help="seconds after which no step starts (default 480; dry run 170)")
+                    help="seconds after which no step starts (default 480; dry run 240)")
     ap.add_argument("--dry-run", action="store_true", help="the same steps on CPU, small")
     ap.add_argument("--model", default=None, help="vgg16 / shapes (default: vgg16; dry run: shapes)")
     ap.add_argument("--wheels", default=str(ROOT / ".whl"), help="folder of wheels to install (default .whl/)")
@@ -222,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                     "results.tar.gz (4 files in all, for a transfer that takes few files)")
     ap.add_argument("--only", default=None, help="comma list of steps to run (default: all)")
     a = ap.parse_args(argv)
-    budget = a.budget if a.budget is not None else (170.0 if a.dry_run else 480.0)
+    budget = a.budget if a.budget is not None else (240.0 if a.dry_run else 480.0)
     start = time.monotonic()
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

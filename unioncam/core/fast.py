@@ -225,6 +225,9 @@ class _PoolFirstRunner(nn.Module):
 
 # ------------------------------------------------------------------------------------- the engine
 
+#: Names a ``torch.compile`` backend other than Inductor (the GPU pass's dry run uses ``eager``).
+COMPILE_BACKEND = "UNIONCAM_COMPILE_BACKEND"
+
 #: CUDA graphs kept per model (one per image size, precision and input kind); the oldest goes first.
 MAX_GRAPHS = 4
 
@@ -371,7 +374,10 @@ class Engine:
         ck = id(fn)  # one torch.compile wrapper per chunk function; dynamo keeps one graph per shape
         name = "/".join(map(str, key))
         if ck not in self.compiled:
-            self.compiled[ck] = torch.compile(fn, dynamic=False)
+            # UNIONCAM_COMPILE_BACKEND: another torch.compile backend; "eager" traces with dynamo but
+            # compiles nothing (seconds, not minutes, on a CPU), so the GPU pass's dry run covers this path.
+            backend = os.environ.get(COMPILE_BACKEND, "").strip() or "inductor"
+            self.compiled[ck] = torch.compile(fn, dynamic=False, backend=backend)
         compiled = self.compiled[ck]
         if name in self.compile_s:
             return compiled
