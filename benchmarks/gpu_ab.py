@@ -38,7 +38,9 @@ import statistics
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
@@ -98,49 +100,76 @@ def _gb(b: float) -> float:
     return b / 2**30
 
 
-def run_forwards(name: str, switches: dict, bs: int, model, args, device, today_scores: dict) -> dict:
-    """``--forward-only``: the variant's chunk forward alone, ``args.forward_only`` full chunks per timed call
-    (random normalised inputs, as the region map feeds it), after ``prepare``; ms per chunk."""
+def forward_ab(names: list[str], model, args, device) -> list[dict]:
+    """``--forward-only``: each variant's chunk forward alone, ``args.forward_only`` full chunks per timed call
+    (random normalised inputs, as the region map feeds it), ms per chunk. Every variant is prepared first
+    (compile / capture), then the variants take turns call by call, so that a shared machine's load hits
+    them alike; peak memory is therefore not per variant here."""
     from unioncam.core import Scorer
 
-    row: dict = {"variant": name, "switches": switches, "batch_size": bs, "unit": "chunk"}
-    fastmod._ENGINES.pop(model, None)
-    gc.collect()
-    t0 = time.perf_counter()
-    info = unioncam.prepare(model, args.size, precision=args.precision, batch_size=bs, fast=switches)
-    row["prepare_s"] = time.perf_counter() - t0
-    row["compile_s"] = sum(info.get("compile_s", {}).values())
-    row["capture_s"] = sum(info.get("capture_s", {}).values())
-    row["resolved"] = info["fast"]
-    scorer = Scorer(model, bs, precision=args.precision, fast=switches)
-    n = bs * args.forward_only
-    g = torch.Generator().manual_seed(1)
-    z = torch.randn(n, 3, args.size, args.size, generator=g).to(device, scorer.mask_dtype)
-    z = z.contiguous(memory_format=torch.channels_last)
-    t = torch.randint(0, 10 if args.model_name == "tiny-vgg" else 1000, (n,), generator=g).to(device)
-    normalized = scorer.normalize is not None
-    for _ in range(args.warmup):
-        scorer(n, lambda i, j: z[i:j], t, normalized=normalized)
-    _sync(device)
-    row["peak_memory_kind"] = _reset_peak(device)
-    seconds = []
+    runs: list[tuple[dict, Any, Callable]] = []
+    rows: list[dict] = []
+    today: dict = {}
+    for name in names:
+        switches, bs = VARIANTS[name]
+        bs = bs or args.batch_size or default_batch_size(device, (args.size, args.size))
+        row: dict = {"variant": name, "switches": switches, "batch_size": bs, "unit": "chunk", "seconds": []}
+        rows.append(row)
+        try:
+            t0 = time.perf_counter()
+            before = fastmod.stats(model).get("compile_s", {})
+            info = unioncam.prepare(model, args.size, precision=args.precision, batch_size=bs, fast=switches)
+            row["prepare_s"] = time.perf_counter() - t0
+            row["compile_s"] = sum(v for k, v in info.get("compile_s", {}).items() if k not in before)
+            row["capture_s"] = sum(info.get("capture_s", {}).values())
+            row["resolved"] = info["fast"]
+            scorer = Scorer(model, bs, precision=args.precision, fast=switches)
+            n = bs * args.forward_only
+            g = torch.Generator().manual_seed(1)
+            z = torch.randn(n, 3, args.size, args.size, generator=g).to(device, scorer.mask_dtype)
+            z = z.contiguous(memory_format=torch.channels_last)
+            t = torch.randint(0, 10 if args.model_name == "tiny-vgg" else 1000, (n,), generator=g).to(device)
+            normalized = scorer.normalize is not None
+
+            def call(scorer=scorer, z=z, t=t, n=n, normalized=normalized):
+                return scorer(n, lambda i, j: z[i:j], t, normalized=normalized)
+
+            for _ in range(args.warmup):
+                call()
+            runs.append((row, call, lambda r=row: r))
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+            row["traceback"] = traceback.format_exc()[-3000:]
     for _ in range(args.images):
-        _sync(device)
-        t1 = time.perf_counter()
-        scores = scorer(n, lambda i, j: z[i:j], t, normalized=normalized)
-        _sync(device)
-        seconds.append((time.perf_counter() - t1) / args.forward_only)
-    q = statistics.quantiles(seconds, n=10, method="inclusive") if len(seconds) > 1 else [seconds[0]] * 9
-    row.update(median_s=statistics.median(seconds), p10_s=q[0], p90_s=q[-1], seconds=seconds, images=len(seconds))
-    row.update(_peak(device))
-    if name == "today":
-        today_scores["s"] = scores
-    elif "s" in today_scores:
-        row["max_abs_score_diff"] = float((scores - today_scores["s"]).abs().max())
+        for row, call, _ in runs:
+            if "error" in row:
+                continue
+            try:
+                _sync(device)
+                t1 = time.perf_counter()
+                scores = call()
+                _sync(device)
+                row["seconds"].append((time.perf_counter() - t1) / args.forward_only)
+                if row["variant"] == "today":
+                    today["s"] = scores
+                elif "s" in today:
+                    row["max_abs_score_diff"] = max(row.get("max_abs_score_diff", 0.0),
+                                                    float((scores - today["s"]).abs().max()))
+            except Exception as e:  # noqa: BLE001
+                row["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+                row["traceback"] = traceback.format_exc()[-3000:]
+    for row in rows:
+        sec = row["seconds"]
+        if sec:
+            q = statistics.quantiles(sec, n=10, method="inclusive") if len(sec) > 1 else [sec[0]] * 9
+            row.update(median_s=statistics.median(sec), p10_s=q[0], p90_s=q[-1], images=len(sec))
     st = fastmod.stats(model)
-    row["compile_failed"], row["graphs_failed"] = st.get("compile_failed"), st.get("graphs_failed")
-    fastmod._ENGINES.pop(model, None)
-    return row
+    for row in rows:
+        row["compile_failed"], row["graphs_failed"] = st.get("compile_failed"), st.get("graphs_failed")
+    row_peak = _peak(device)
+    for row in rows:
+        row.update(row_peak)
+    return rows
 
 
 def run_variant(name: str, switches: dict, bs: int, model, images, targets, args, device, weights,
@@ -149,7 +178,7 @@ def run_variant(name: str, switches: dict, bs: int, model, images, targets, args
     row: dict = {"variant": name, "switches": switches, "batch_size": bs}
     if device.type != "cuda" and switches.get("cuda_graphs"):
         row["note"] = "CUDA graphs skipped: no GPU (the scorer drops the switch off CUDA)"
-    fastmod._ENGINES.pop(model, None)  # a variant starts with nothing compiled or captured
+    fastmod.release(model)  # a variant starts with nothing compiled or captured
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -201,7 +230,7 @@ def run_variant(name: str, switches: dict, bs: int, model, images, targets, args
         row["max_abs_map_diff"] = max(diffs) if diffs else None
         same = sum(selected[k] == today_maps[k][1] for k in maps if k in today_maps)
         row["selected_agree"] = f"{same}/{len(diffs)}"
-    fastmod._ENGINES.pop(model, None)
+    fastmod.release(model)
     return row
 
 
@@ -272,7 +301,9 @@ def main(argv: list[str] | None = None) -> dict:
         return res
 
     today_maps: dict = {}
-    for name in names:
+    if a.forward_only:
+        rows.extend(forward_ab(names, model, a, device))
+    for name in [] if a.forward_only else names:
         switches, bs = VARIANTS[name]
         bs = bs or a.batch_size or default_batch_size(device, (size, size))
         if a.budget is not None and time.monotonic() - start > a.budget:
@@ -283,16 +314,13 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         print(f"{name}: {switches}, batch {bs}", flush=True)
         try:
-            if a.forward_only:
-                rows.append(run_forwards(name, switches, bs, model, a, device, today_maps))
-            else:
-                rows.append(run_variant(name, switches, bs, model, images, targets, a, device, weights, today_maps))
+            rows.append(run_variant(name, switches, bs, model, images, targets, a, device, weights, today_maps))
         except Exception as e:  # noqa: BLE001 - record it, measure the others
             rows.append({"variant": name, "switches": switches, "batch_size": bs,
                          "error": f"{type(e).__name__}: {str(e)[:500]}",
                          "traceback": traceback.format_exc()[-3000:]})
             print(f"{name}: FAILED {type(e).__name__}: {e}", flush=True)
-            fastmod._ENGINES.pop(model, None)
+            fastmod.release(model)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         write_json(out, result(False), quiet=True)

@@ -88,12 +88,16 @@ def test_fixed_chunks_scores_do_not_depend_on_the_padding(precision):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("pixel", [True, False])
-def test_pool_first_scores_are_bit_identical(precision, pixel):
+def test_pool_first_scores_are_bit_identical(precision, pixel, monkeypatch):
     model = make_tiny_vgg(seed=1, pixel=pixel).to(memory_format=torch.channels_last)
     x, t = _inputs(6, 32, 10, seed=2)
     plain = Scorer(model, batch_size=3, precision=precision).images(x, t)
+    calls = []
+    forward = fastmod._PoolFirstRunner.forward
+    monkeypatch.setattr(fastmod._PoolFirstRunner, "forward", lambda self, z: calls.append(1) or forward(self, z))
     pooled = Scorer(model, batch_size=3, precision=precision, fast={"pool_first": True})
     assert torch.equal(pooled.images(x, t), plain)
+    assert len(calls) == 2  # the rewritten network ran, once per chunk
     if pixel:  # the region map's normalised inputs (forward_normalized) too
         z = (x - model.mean) / model.std
         n = z.shape[0]
@@ -142,6 +146,27 @@ def test_explanations_with_fixed_chunks_and_pool_first_are_todays():
                              fast={"fixed_chunks": True, "pool_first": True})
         assert torch.equal(a.saliency, b.saliency) and a.details["selected"] == b.details["selected"]
         assert b.details["fast_path"] == ["fixed_chunks", "pool_first"] and "fast_path" not in a.details
+
+
+def test_the_engine_lives_and_dies_with_its_model():
+    import copy
+    import gc
+    import io
+    import weakref
+
+    model = make_tiny_vgg(seed=7)
+    x, t = _inputs(3, 32, 10, seed=3)
+    Scorer(model, batch_size=2, precision="bf16", fast={"fixed_chunks": True, "pool_first": True}).images(x, t)
+    assert fastmod.stats(model)["graphs"] == 0
+    buf = io.BytesIO()
+    torch.save(model, buf)  # the engine (functions, cached weights) is not saved with the model
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert fastmod.stats(loaded) == {} and fastmod.stats(copy.deepcopy(model)) == {}
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None  # no cache outside the model keeps it alive
 
 
 # ---------------------------------------------------------------------------------------- compile

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["ENV", "FastPath", "Engine", "Runner", "cast_params", "defaults", "engine", "head_of", "pool_first_plan",
-           "resolve_fast", "stats"]
+           "release", "resolve_fast", "stats"]
 
 #: The environment variable of each switch (``0`` off, ``1`` on; unset: :func:`defaults`).
 ENV = {"fixed_chunks": "UNIONCAM_FIXED_CHUNKS", "pool_first": "UNIONCAM_POOL_FIRST",
@@ -424,7 +424,25 @@ class Engine:
                 "graphs": len(self.graphs)}
 
 
-_ENGINES: "weakref.WeakKeyDictionary[nn.Module, Engine]" = weakref.WeakKeyDictionary()
+class _Slot:
+    """Holds a model's engine in the model's own ``__dict__``.
+
+    The engine's runners hold the model, so a cache outside the model (a weak-keyed dict) would keep it
+    alive for ever; inside it, model and engine form a cycle the garbage collector frees together. The
+    slot pickles and copies empty (``torch.save(model)``, ``copy.deepcopy``): compiled functions and
+    graphs belong to this process only.
+    """
+
+    __slots__ = ("engine",)
+
+    def __init__(self, engine: Engine | None = None) -> None:
+        self.engine = engine
+
+    def __reduce__(self) -> tuple:
+        return (_Slot, ())
+
+
+_ATTR = "_unioncam_fast_engine"
 
 
 def _state_key(model: nn.Module) -> tuple:
@@ -434,14 +452,20 @@ def _state_key(model: nn.Module) -> tuple:
 
 def engine(model: nn.Module) -> Engine:
     """The model's :class:`Engine`, made on first use and refreshed when its weights changed."""
-    eng = _ENGINES.get(model)
-    if eng is None:
-        eng = _ENGINES[model] = Engine(model)
-    eng.refresh(_state_key(model))
-    return eng
+    slot = model.__dict__.get(_ATTR)
+    if not isinstance(slot, _Slot) or slot.engine is None:
+        slot = _Slot(Engine(model))
+        model.__dict__[_ATTR] = slot  # not a submodule, parameter or buffer: state_dict and .to() ignore it
+    slot.engine.refresh(_state_key(model))
+    return slot.engine
+
+
+def release(model: nn.Module) -> None:
+    """Drop the model's engine: its half-precision weights, compiled forwards and CUDA graphs."""
+    model.__dict__.pop(_ATTR, None)
 
 
 def stats(model: nn.Module) -> dict[str, Any]:
     """Compile and capture seconds (per forward key) and failures of the model's fast path so far."""
-    eng = _ENGINES.get(model)
-    return {} if eng is None else eng.stats()
+    slot = model.__dict__.get(_ATTR)
+    return {} if not isinstance(slot, _Slot) or slot.engine is None else slot.engine.stats()

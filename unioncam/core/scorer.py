@@ -243,6 +243,10 @@ class Scorer:
         if self.fast.fixed_chunks and not fp32 and n > 0:
             return self._fixed(n, build, targets, normalized, fill)
         params = {} if fp32 or self.autocast_dtype is None else self._low_params
+        if self.fast.pool_first and not fp32:  # pool-first alone: today's chunks, the rewritten network
+            eng = engine(self.model)
+            runner = eng.runner(normalized, True, self.device)
+            params = eng.low_params(self.autocast_dtype)
         out = torch.empty(n, device=targets.device, dtype=torch.float32)
         i, bs = 0, self.batch_size
         while i < n:
