@@ -264,6 +264,19 @@ def test_graph_plumbing_builds_each_chunk_into_the_static_input(monkeypatch):
     assert len(_FakeGraph.made) == 1 and g.replays == 6
 
 
+def test_plain_and_pool_first_forwards_get_graphs_of_their_own(monkeypatch):
+    _graphs_on_cpu(monkeypatch, _FakeGraph)
+    _FakeGraph.made = []
+    model = make_tiny_vgg(seed=8)
+    x, t = _inputs(5, 32, 10, seed=12)
+    want = Scorer(model, batch_size=4).images(x, t)
+    for pool_first in (False, True, False):
+        scorer = Scorer(model, batch_size=4)
+        scorer.fast = FastPath(fixed_chunks=True, pool_first=pool_first, cuda_graphs=True)
+        assert torch.allclose(scorer.images(x, t), want, rtol=0, atol=1e-6)
+    assert len(_FakeGraph.made) == 2  # one per network, the plain one reused
+
+
 def test_a_failed_capture_falls_back_with_one_warning(monkeypatch):
     def broken(fn, static_in):
         raise RuntimeError("operation not permitted when stream is capturing")

@@ -327,6 +327,11 @@ class Engine:
                                  else Runner(model, "forward_normalized" if normalized else "forward"))
         return self.runners[key]
 
+    @staticmethod
+    def is_pool_first(runner: nn.Module) -> bool:
+        """Whether ``runner`` is the pool-first network (part of every compile / graph key)."""
+        return isinstance(runner, _PoolFirstRunner)
+
     def chunk_fn(self, runner: nn.Module, dtype: torch.dtype | None) -> Callable[[torch.Tensor], torch.Tensor]:
         """``x ↦ logits`` of ``runner`` with the cached ``dtype`` weights: one function object per runner and
         dtype, so that its compiled form is made once. The caller enters autocast and the head's float32
@@ -383,6 +388,12 @@ class Engine:
             return compiled
 
         def first(z: torch.Tensor) -> torch.Tensor:
+            if self.compile_failed:
+                return fn(z)
+            if name in self.compile_s:
+                # Compiled already: a graph's warm-up and capture call this wrapper again, and a capture
+                # must not synchronise.
+                return compiled(z)
             t0 = time.perf_counter()
             try:
                 out = compiled(z)

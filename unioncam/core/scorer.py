@@ -292,7 +292,7 @@ class Scorer:
                 with torch.no_grad(), self._autocast():
                     if buf is None or buf.shape[0] != bs:
                         first = build(i, j)
-                        key = (normalized, runner is not self._runners[normalized], dtype,
+                        key = (normalized, "pool-first" if eng.is_pool_first(runner) else "plain", dtype,
                                (bs, *first.shape[1:]), first.dtype)
                         # A captured graph's static input is the buffer: chunks are built straight into it.
                         buf = eng.static_input(key)
