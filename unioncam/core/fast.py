@@ -35,9 +35,8 @@ import os
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -72,11 +71,13 @@ class FastPath:
 def defaults(device: torch.device) -> FastPath:
     """The switches when neither the caller nor the environment sets them: all off, on CPU and CUDA.
 
-    CPU: ``torch.compile`` took 34 s for a 2-layer CNN on this project's 2-core CPU and did not beat
-    eager oneDNN on VGG16 (``docs/fast-path.md``); without compile, fixed chunks only add padded rows, and
-    pool-first saves too little there to be worth a second code path by default. CUDA: none has run on a
-    GPU yet; the A/B step of the GPU pass (``benchmarks/gpu_ab.py``) measures each against today's path,
-    and that measurement decides the CUDA defaults.
+    CPU (``docs/fast-path.md``, a 2-core AMD EPYC shared with other jobs, VGG16 224², bf16, chunks of 8,
+    variants taking turns): compiled 1628 ms per chunk against eager 1642 ms, pool-first 1712 ms, all
+    within each other's p10–p90; the compile itself took 25 s (cold cache) per model and chunk shape, a
+    fifth of a whole 224² explanation there and five 64² ones. Without compile, fixed chunks only add
+    padded rows. No switch is on where it was not measured to pay. CUDA: none has run on a GPU yet; the
+    A/B step of the GPU pass (``benchmarks/gpu_ab.py``) measures each against today's path, and that
+    measurement decides the CUDA defaults.
     """
     return FastPath()
 
