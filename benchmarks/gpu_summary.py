@@ -92,16 +92,18 @@ def ab_table(rows: list[dict], device_type: str) -> list[str]:
     per = "chunk" if rows and rows[0].get("unit") == "chunk" else "img"
     diff = "max abs score diff" if per == "chunk" else "max abs map diff"
     lines = [f"| variant | chunk | median ms/{per} (p10–p90) | × today | "
-             + ("peak allocated GB | working set GB | " if cuda else "peak RSS GB | ")
+             + ("peak allocated GB | peak reserved GB | working set GB | " if cuda else "peak RSS GB | ")
              + f"compile s | capture s | {diff} | `selected` agrees |",
-             "|---|---|---|---|" + ("---|---|" if cuda else "---|") + "---|---|---|---|"]
+             "|---|---|---|---|" + ("---|---|---|" if cuda else "---|") + "---|---|---|---|"]
     for r in rows:
         if "median_s" not in r:
             why = r.get("error") or r.get("skipped") or "not measured"
             lines.append(f"| {r['variant']} | {r.get('batch_size', '—')} | not measured: {why[:200]} |")
             continue
         ratio = f"{today['median_s'] / r['median_s']:.2f}" if today else "—"
-        mem = (f"{r.get('max_memory_allocated_gb', 0):.2f} | {r.get('working_set_gb', 0):.2f} | " if cuda
+        # Reserved too: a CUDA graph's private pool keeps its activations' memory reserved between replays.
+        mem = (f"{r.get('max_memory_allocated_gb', 0):.2f} | {r.get('max_memory_reserved_gb', 0):.2f} | "
+               f"{r.get('working_set_gb', 0):.2f} | " if cuda
                else f"{r.get('peak_rss_gb', 0):.2f} | ")
         d = r.get("max_abs_map_diff", r.get("max_abs_score_diff"))
         note = f" ({r['note']})" if r.get("note") else ""
