@@ -309,6 +309,8 @@ class Engine:
             self.compiled.clear()
             self.runners.clear()
             self.fns.clear()
+            self.compile_s.clear()
+            self.capture_s.clear()
 
     def low_params(self, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
         if dtype is None:
