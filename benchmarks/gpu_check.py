@@ -15,18 +15,21 @@ passed since the start (and none is given more than what is left of it):
 2. ``latency``: VGG16 (random weights), 224², per image: ours UnionCAM at fp32 (strict) / tf32 / bf16 /
    fp16, our Score-CAM likewise, the literal reference (2 images), pytorch-grad-cam's and torchcam's
    ScoreCAM at strict fp32 and at tf32. Median, p10–p90, memory (weights apart from the working set).
-3. ``throughput``: ours, 8 images per call, every call the same shape.
-4. ``profile``: ``torch.profiler`` of one UnionCAM bf16 explanation: top CUDA kernels, GPU time shares.
-5. ``precision``: bf16 and fp16 maps (UnionCAM, Score-CAM) against strict fp32 ones (VGG16).
-6. ``kernel-tests``: ``tests/test_kernels*.py`` on the compiled kernels (pytest's output and JUnit XML).
-7. ``serving``: the TorchServe handler in-process on the GPU (``benchmarks/gpu_serving.py``): its traps,
+3. ``ab``: the fast path's A/B (``benchmarks/gpu_ab.py``): today's path against fixed chunks, pool-first,
+   CUDA graphs, ``torch.compile``, all of them, and all at 128 inputs per forward, same images, one process.
+4. ``serving``: the TorchServe handler in-process on the GPU (``benchmarks/gpu_serving.py``): its traps,
    its handler tests, 32 UnionCAM + 32 prediction requests in TorchServe's batches against ``unioncam.explain``.
-8. ``batch-sweep``: ours UnionCAM bf16 and fp32 at 16 / 32 / 64 / 128 masked inputs per forward.
-9. ``summary.md``: device, driver, versions, commit and every figure, ready for the README.
+5. ``throughput``: ours, 8 images per call, every call the same shape.
+6. ``kernel-tests``: ``tests/test_kernels*.py`` on the compiled kernels (pytest's output and JUnit XML).
+7. ``precision``: bf16 and fp16 maps (UnionCAM, Score-CAM) against strict fp32 ones (VGG16).
+8. ``profile``: ``torch.profiler`` of one UnionCAM bf16 explanation: top CUDA kernels, GPU time shares.
+9. ``batch-sweep``: ours UnionCAM bf16 at 16 / 32 / 64 / 128 masked inputs per forward (dry run: also fp32).
+10. ``summary.md``: device, driver, versions, commit and every figure, ready for the README.
 
 Files (all in ``--out``): ``gpu_check.log``, ``steps.json``, ``<step>.log`` for every step,
-``preflight.json``, ``latency.json``, ``throughput.json``, ``batch-sweep.json``, ``precision-unioncam.json``,
-``precision-scorecam.json``, ``profile.json``, ``profile.txt``, ``kernel-tests.xml``, ``serving.json``, ``summary.md``;
+``preflight.json``, ``latency.json``, ``ab.json``, ``serving.json``, ``throughput.json``, ``batch-sweep.json``,
+``precision-unioncam.json``, ``precision-scorecam.json``, ``profile.json``, ``profile.txt``, ``kernel-tests.xml``,
+``summary.md``;
 with ``--pack`` all but ``summary.md``, ``gpu_check.log`` and ``steps.json`` go into ``results.tar.gz``.
 ``--dry-run`` runs the same steps on CPU: the small trained ShapesCNN at 32² (a VGG16 explanation takes
 20–30 s on a 2-core CPU even at 32²), one or two images, kernels through Triton's interpreter, the
@@ -83,18 +86,24 @@ def _steps(a: argparse.Namespace, out: Path) -> list[Step]:
         prof = model + ["--warmup", "1"]
         tests = [str(ROOT / "tests" / "test_kernels_dispatch.py")]
         test_env: dict[str, str] = {}
+        ab = ["--dry-run", "--threads", "2"]
+        sweep_prec = "bf16,fp32"
     else:
         model = ["--model", a.model or "vgg16", "--size", "224"]
-        lat = model + ["--images", "8", "--reference-images", "2", "--warmup", "2"]
+        # Repeats trimmed (8 → 6 images, throughput 16 → 8, precision 6 → 4) to leave the A/B step its time
+        # within the 8 minutes (the H100 pass of 2026-11-27: latency 106 s, throughput 65 s, precision 80 s).
+        lat = model + ["--images", "6", "--reference-images", "2", "--warmup", "2"]
         ours = "fp32,tf32,bf16,fp16"
-        tp, sweep = ["--throughput", "8", "--images", "16"], ["--batch-size", "16,32,64,128", "--images", "2"]
+        tp, sweep = ["--throughput", "8", "--images", "8"], ["--batch-size", "16,32,64,128", "--images", "2"]
         tp_precisions = "bf16,fp16"  # the throughput target concerns half precision; fp32/tf32 cost minutes
         # Two CPU-side tests (an offline sm_90 build, a subprocess without Triton) that CI runs anyway.
         deselect = ["-k", "not test_kernels_compile_for_hopper and not test_package_works_without_triton"]
-        prec = ["--model", a.model or "vgg16", "--size", "224", "--images", "6"]
+        prec = ["--model", a.model or "vgg16", "--size", "224", "--images", "4"]
         prof = model + ["--warmup", "3"]
         tests = sorted(glob.glob(str(ROOT / "tests" / "test_kernels*.py")))
         test_env = {"UNIONCAM_TEST_DEVICE": "cuda"}
+        ab = ["--model", a.model or "vgg16", "--size", "224", "--images", "6", "--budget", "100"]
+        sweep_prec = "bf16"  # the default precision on CUDA: its chunk is the one to choose
     bl, bp = str(BENCH / "bench_latency.py"), str(BENCH / "bench_precision.py")
     # Ordered by what the figures are worth against what they risk: the batch-size sweep (many new shapes,
     # each autotuned) goes last and runs its entries one after the other, so a cut-off sweep keeps some.
@@ -104,24 +113,28 @@ def _steps(a: argparse.Namespace, out: Path) -> list[Step]:
         Step("latency", 150, [py, bl, *lat, "--methods", "unioncam,scorecam,reference,pytorch-grad-cam,torchcam",
                               "--precision", ours, "--peer-precision", "fp32,tf32", "--out", f"{o}/latency.json"],
              ["latency.json"]),
+        # The two steps that decide the next defaults (the fast path's switches, the GPU serving settings)
+        # come right after the headline latency, before the figures that were measured once already.
+        Step("ab", 150, [py, str(BENCH / "gpu_ab.py"), *ab, "--out", f"{o}/ab.json"], ["ab.json"]),
+        # The TorchServe handler in-process on this device (benchmarks/gpu_serving.py: no Java needed).
+        Step("serving", 100, [py, str(BENCH / "gpu_serving.py"), "--out", f"{o}/serving.json"]
+             + (["--dry-run"] if a.dry_run else []), ["serving.json"]),
         Step("throughput", 75, [py, bl, *model, *tp, "--warmup", "1", "--methods", "unioncam",
                                 "--precision", tp_precisions, "--out", f"{o}/throughput.json"], ["throughput.json"]),
-        Step("profile", 60, [py, str(BENCH / "profile_explain.py"), *prof, "--precision", "bf16",
-                             "--out-json", f"{o}/profile.json", "--out-txt", f"{o}/profile.txt"],
-             ["profile.json", "profile.txt"]),
-        Step("precision", 75, [py, bp, *prec, "--method", "unioncam,scorecam", "--precision", "bf16,fp16",
-                               "--out", f"{o}/precision-{{method}}.json"],
-             ["precision-unioncam.json", "precision-scorecam.json"]),
         Step("kernel-tests", 120, [py, "-m", "pytest", "-v", "-rA", "--tb=short", "-p", "no:cacheprovider",
                                    f"--junitxml={o}/kernel-tests.xml", *deselect, *tests], ["kernel-tests.xml"],
              env=test_env, kernels_switch=False),
-        # The TorchServe handler in-process on this device (benchmarks/gpu_serving.py: no Java needed).
-        Step("serving", 120, [py, str(BENCH / "gpu_serving.py"), "--out", f"{o}/serving.json"]
-             + (["--dry-run"] if a.dry_run else []), ["serving.json"]),
+        Step("precision", 75, [py, bp, *prec, "--method", "unioncam,scorecam", "--precision", "bf16,fp16",
+                               "--out", f"{o}/precision-{{method}}.json"],
+             ["precision-unioncam.json", "precision-scorecam.json"]),
+        Step("profile", 60, [py, str(BENCH / "profile_explain.py"), *prof, "--precision", "bf16",
+                             "--out-json", f"{o}/profile.json", "--out-txt", f"{o}/profile.txt"],
+             ["profile.json", "profile.txt"]),
         # Two warm-up calls: both sample photos, whose last chunks differ, are autotuned before timing.
-        Step("batch-sweep", 150, [py, bl, *model, *sweep, "--warmup", "1" if a.dry_run else "2", "--sequential",
-                                  "--methods", "unioncam",
-                                  "--precision", "bf16,fp32", "--out", f"{o}/batch-sweep.json"], ["batch-sweep.json"]),
+        # 60 s (was 150), bf16 only on the GPU: the A/B step has the time; all-bs128 there covers 128.
+        Step("batch-sweep", 60, [py, bl, *model, *sweep, "--warmup", "1" if a.dry_run else "2", "--sequential",
+                                 "--methods", "unioncam",
+                                 "--precision", sweep_prec, "--out", f"{o}/batch-sweep.json"], ["batch-sweep.json"]),
     ]
 
 
@@ -217,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "gpu-out"),
                     help="folder for every file (default: $OUT, else gpu-out/)")
     ap.add_argument("--budget", type=float, default=None,
-                    help="seconds after which no step starts (default 480; dry run 170)")
+                    help="seconds after which no step starts (default 480; dry run 240)")
     ap.add_argument("--dry-run", action="store_true", help="the same steps on CPU, small")
     ap.add_argument("--model", default=None, help="vgg16 / shapes (default: vgg16; dry run: shapes)")
     ap.add_argument("--wheels", default=str(ROOT / ".whl"), help="folder of wheels to install (default .whl/)")
@@ -227,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                     "results.tar.gz (4 files in all, for a transfer that takes few files)")
     ap.add_argument("--only", default=None, help="comma list of steps to run (default: all)")
     a = ap.parse_args(argv)
-    budget = a.budget if a.budget is not None else (170.0 if a.dry_run else 480.0)
+    budget = a.budget if a.budget is not None else (240.0 if a.dry_run else 480.0)
     start = time.monotonic()
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -85,6 +85,38 @@ def _median(rows: list[dict], entry: str) -> float | None:
     return None if r is None else r["median_s"]
 
 
+def ab_table(rows: list[dict], device_type: str) -> list[str]:
+    """The fast path's A/B table (``benchmarks/gpu_ab.py``'s rows), in Markdown."""
+    cuda = device_type == "cuda"
+    today = next((r for r in rows if r["variant"] == "today" and "median_s" in r), None)
+    per = "chunk" if rows and rows[0].get("unit") == "chunk" else "img"
+    diff = "max abs score diff" if per == "chunk" else "max abs map diff"
+    lines = [f"| variant | chunk | median ms/{per} (p10–p90) | × today | "
+             + ("peak allocated GB | peak reserved GB | working set GB | " if cuda else "peak RSS GB | ")
+             + f"compile s | capture s | {diff} | `selected` agrees |",
+             "|---|---|---|---|" + ("---|---|---|" if cuda else "---|") + "---|---|---|---|"]
+    for r in rows:
+        if "median_s" not in r:
+            why = r.get("error") or r.get("skipped") or "not measured"
+            lines.append(f"| {r['variant']} | {r.get('batch_size', '—')} | not measured: {why[:200]} |")
+            continue
+        ratio = f"{today['median_s'] / r['median_s']:.2f}" if today else "—"
+        # Reserved too: a CUDA graph's private pool keeps its activations' memory reserved between replays.
+        mem = (f"{r.get('max_memory_allocated_gb', 0):.2f} | {r.get('max_memory_reserved_gb', 0):.2f} | "
+               f"{r.get('working_set_gb', 0):.2f} | " if cuda
+               else f"{r.get('peak_rss_gb', 0):.2f} | ")
+        d = r.get("max_abs_map_diff", r.get("max_abs_score_diff"))
+        note = f" ({r['note']})" if r.get("note") else ""
+        fails = [w for w, k in (("compile failed, ran eager", "compile_failed"),
+                                ("capture failed, ran without graphs", "graphs_failed")) if r.get(k)]
+        lines.append(f"| {r['variant']}{note} | {r['batch_size']} | {r['median_s'] * 1e3:.1f} "
+                     f"({r['p10_s'] * 1e3:.1f}–{r['p90_s'] * 1e3:.1f}) | {ratio} | {mem}"
+                     f"{r.get('compile_s', 0):.1f} | {r.get('capture_s', 0):.2f} | "
+                     f"{'—' if d is None else f'{d:.2e}'} | {r.get('selected_agree', '—')} |"
+                     + (f" {'; '.join(fails)}" if fails else ""))
+    return lines
+
+
 def write_summary(out: Path) -> str:
     """Writes ``out/summary.md`` and returns its text."""
     out = Path(out)
@@ -202,6 +234,30 @@ def write_summary(out: Path) -> str:
                                             else "—"))
     else:
         L.append(f"not measured ({_status(steps, 'batch-sweep')})")
+
+    # The fast path's A/B.
+    L += ["", "## Fast path A/B (same images, one process)", ""]
+    ab = _read(out / "ab.json")
+    if ab.get("rows"):
+        st = ab.get("settings", {})
+        L.append(f"{st.get('model')}, {st.get('size')}², UnionCAM {st.get('precision')}, {st.get('images')} timed images "
+                 f"and {st.get('warmup')} warm-up calls per variant after `unioncam.prepare`; compile backend "
+                 f"{ab.get('compile_backend')}; map difference and `selected` against the `today` variant."
+                 + ("" if ab.get("complete") else " INCOMPLETE: the step did not finish; rows so far."))
+        L.append("")
+        L += ab_table(ab["rows"], ab.get("device_type", ""))
+        w = ab.get("model_bytes", {})
+        if w and ab.get("device_type") == "cuda":
+            L.append("")
+            L.append(f"Weights {(w['params'] + w['buffers']) / 2**30:.3f} GB float32, half copy "
+                     f"{w['half_copy'] / 2**30:.3f} GB: per call on today's path (inside the peak), held with the "
+                     "model on the fast path (inside what was resident); working set = peak − resident − a per-call copy.")
+        missing = [v for v in st.get("variants", []) if v not in {r["variant"] for r in ab["rows"]}]
+        if missing:
+            L.append("")
+            L.append(f"Not reached (the step's time limit): {', '.join(missing)}")
+    else:
+        L.append(f"not measured ({_status(steps, 'ab')})")
 
     # Precision agreement.
     L += ["", "## bf16 / fp16 against strict fp32", ""]

@@ -32,3 +32,32 @@ def make_tiny_cnn(seed: int = 0, classes: int = 10, width: int = 16, scale: floa
             p.copy_(torch.randn(p.shape, generator=g) * (0.5 if p.dim() > 1 else 0.1))
         m.head.weight.mul_(scale)
     return m.eval()
+
+
+def make_tiny_vgg(seed: int = 0, classes: int = 10, batch_norm: bool = False, pixel: bool = True,
+                  cfg: tuple = (8, "M", 16, 16, "M", 16, "M")):
+    """A seeded torchvision ``VGG`` with a few narrow conv → ReLU → max-pool blocks and a small head.
+
+    Its forward is torchvision VGG's own, so the fast path's pool-first rewrite applies (not with
+    ``batch_norm``: a BN between conv and ReLU is not monotone in general). ``pixel``: wrapped by
+    ``unioncam.models.pixel_model`` (pixel input, ``forward_normalized``), as the zoo's models are.
+    ``cfg``: torchvision's layer list (channels, ``"M"`` for a max-pool); its last block must end in a pool.
+    """
+    from torchvision.models.vgg import VGG, make_layers
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        m = VGG(make_layers(list(cfg), batch_norm=batch_norm), num_classes=classes)
+        m.classifier = nn.Sequential(nn.Linear(16 * 7 * 7, 32), nn.ReLU(True), nn.Dropout(),
+                                     nn.Linear(32, classes))
+        for p in m.parameters():
+            if p.dim() == 1:  # torchvision zeroes conv biases: give them values, so their rounding shows
+                p.data.normal_(0, 0.1)
+    m.eval().requires_grad_(False)
+    if pixel:
+        from unioncam.models import pixel_model
+
+        pixel_model(m, default_layer=f"features.{len(m.features) - 2}")
+    else:
+        m.default_layer = f"features.{len(m.features) - 2}"
+    return m

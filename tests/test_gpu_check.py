@@ -16,8 +16,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 JSONS = ["steps.json", "preflight.json", "latency.json", "throughput.json", "batch-sweep.json",
-         "precision-unioncam.json", "precision-scorecam.json", "profile.json", "serving.json"]
-STEPS = ["preflight", "latency", "throughput", "profile", "precision", "kernel-tests", "serving", "batch-sweep"]
+         "precision-unioncam.json", "precision-scorecam.json", "profile.json", "serving.json", "ab.json"]
+STEPS = ["preflight", "latency", "ab", "serving", "throughput", "kernel-tests", "precision", "profile", "batch-sweep"]
+AB_VARIANTS = ["today", "fixed", "pool-first", "graphs", "compile", "all", "all-bs128"]
 
 
 @pytest.mark.slow
@@ -66,10 +67,23 @@ def test_dry_run_writes_every_file(tmp_path):
     assert modes["shared"]["shared_with"] > 1 and modes["alone"]["shared_with"] == 1
     assert modes["shared"]["explain"]["statuses"] == [200] and modes["shared"]["selected_agree"] == "4/4"
 
+    ab = data["ab.json"]
+    assert ab["complete"] is True and ab["dry_run"] is True and ab["compile_backend"] == "eager"
+    ab_rows = {r["variant"]: r for r in ab["rows"]}
+    assert list(ab_rows) == AB_VARIANTS
+    for name, r in ab_rows.items():  # every variant measured; the exact ones give today's maps
+        assert "error" not in r and r["median_s"] > 0, (name, r.get("error"), r.get("traceback"))
+        if name != "today":
+            assert r["selected_agree"] == f"{r['images']}/{r['images']}", r
+    assert ab_rows["fixed"]["max_abs_map_diff"] == 0 and ab_rows["pool-first"]["max_abs_map_diff"] == 0
+    assert "skipped" in ab_rows["graphs"]["note"] and ab_rows["graphs"]["resolved"]["cuda_graphs"] is False
+    assert ab_rows["all-bs128"]["batch_size"] == 128 and ab_rows["compile"]["resolved"]["fixed_chunks"]
+
     suite = ET.parse(out / "kernel-tests.xml").getroot()
     assert int(next(suite.iter("testsuite")).get("tests")) > 0
     summary = (out / "summary.md").read_text()
     for heading in ("# GPU check", "## Kernels against their torch twins", "## Latency per image", "## Throughput mode",
                     "## Masked inputs per forward", "## bf16 / fp16 against strict fp32", "## Profile of one UnionCAM",
-                    "## Kernel tests on this device", "## The handler on this device"):
+                    "## Kernel tests on this device", "## The handler on this device", "## Fast path A/B",
+                    "| all-bs128"):
         assert heading in summary, heading

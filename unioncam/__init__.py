@@ -12,7 +12,7 @@ Layers, imports one way: ``kernels`` → ``core`` (capture, scorer) → ``method
 ``serve``, ``cli``.
 """
 
-from .api import METHODS, Explanation, explain, explain_batch
+from .api import METHODS, Explanation, explain, explain_batch, prepare
 from .errors import InvalidInputError
 from .io import decode_image, load_image, to_pixels
 from .methods import register as register_method
@@ -35,6 +35,7 @@ __all__ = [
     "load_vgg16",
     "overlay",
     "overlay_png",
+    "prepare",
     "register_method",
     "to_pixels",
 ]

@@ -17,6 +17,7 @@ from torch import nn
 
 from . import methods as _methods
 from .core.capture import forward_pass, model_device, model_dtype
+from .core.fast import FastPath, stats
 from .core.scorer import Scorer, backend_flags, default_batch_size, resolve_precision
 from .errors import InvalidInputError
 from .methods import METHODS, Options
@@ -33,7 +34,7 @@ from .validation import (
     validate_top_k,
 )
 
-__all__ = ["METHODS", "Explanation", "explain", "explain_batch"]
+__all__ = ["METHODS", "Explanation", "explain", "explain_batch", "prepare"]
 
 
 @dataclass
@@ -73,6 +74,7 @@ def explain_batch(
     keep_on_device: bool = False,
     top_k: int | None = None,
     reshape: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    fast: FastPath | dict[str, bool] | None = None,
 ) -> list[Explanation] | list[list[Explanation]]:
     """Explain several images at once; their masked inputs share chunks.
 
@@ -88,6 +90,9 @@ def explain_batch(
     the gradients take one backward per target position; every masked input of every (image, target)
     is scored in the same chunks. With one int/``None`` per image and no ``top_k`` the result is the
     flat list of one :class:`Explanation` per image, as before.
+
+    ``fast``: switches of the masked-forward fast path (:mod:`unioncam.core.fast`, ``docs/fast-path.md``)
+    over the ``UNIONCAM_*`` environment variables; when any is on, ``details["fast_path"]`` names them.
     """
     method = validate_method(method)
     theta = validate_theta(theta)
@@ -130,7 +135,7 @@ def explain_batch(
         bar = tqdm(desc=f"{method} masked forwards", unit="fwd", leave=False)
     results: list[Any] = [None] * len(images)
     try:
-        scorer = Scorer(model, batch_size, bar, precision)
+        scorer = Scorer(model, batch_size, bar, precision, fast=fast)
         with backend_flags(dev, precision):
             for size, idx in groups.items():
                 scorer.batch_size = batch_size or default_batch_size(dev, size)
@@ -190,6 +195,8 @@ def _explain_group(model: nn.Module, x: torch.Tensor, targets: list[int | None],
         details: dict[str, Any] = {"layer": p.layer, **impl.details(mine, options)}
         details["channels"] = int(p.acts.shape[1])
         details["precision"] = scorer.precision
+        if scorer.fast.active:
+            details["fast_path"] = [k for k, v in scorer.fast.as_dict().items() if v]
         details["seconds"] = elapsed / B
         results.append(Explanation(saliency[b], int(target_l[b]), float(score_l[b]), impl.name, details))
     if not multi:
@@ -214,6 +221,7 @@ def explain(
     precision: str = "auto",
     top_k: int | None = None,
     reshape: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    fast: FastPath | dict[str, bool] | None = None,
 ) -> Explanation | list[Explanation]:
     """Explain why ``model`` gives ``image`` the class ``target``.
 
@@ -243,6 +251,10 @@ def explain(
             from its output to ``[N, C, h, w]`` that only selects and rearranges entries (it is applied
             to the activation and to its gradient alike), e.g. :func:`unioncam.models.vit_tokens_to_map`.
             Models from :func:`unioncam.load_model` (torchvision ViT and Swin) bring their own.
+        fast: switches of the masked-forward fast path (``fixed_chunks``, ``pool_first``, ``compile``,
+            ``cuda_graphs``; :mod:`unioncam.core.fast`): a dict of some of them, over the ``UNIONCAM_*``
+            environment variables, over the device's defaults (all off). They change speed, not results
+            beyond the precision's rounding (``docs/fast-path.md``).
 
     Returns:
         :class:`Explanation`, or a list of them for a list ``target`` or ``top_k``.
@@ -254,4 +266,52 @@ def explain(
         target = list(target)
     return explain_batch(model, [image], targets=[target], method=method, theta=theta, layer=layer,
                          batch_size=batch_size, device=device, progress=progress, precision=precision,
-                         top_k=top_k, reshape=reshape)[0]
+                         top_k=top_k, reshape=reshape, fast=fast)[0]
+
+
+def prepare(
+    model: nn.Module,
+    size: tuple[int, int] | int = 224,
+    *,
+    method: str = "unioncam",
+    batch_size: int | None = None,
+    device: str | torch.device | None = None,
+    precision: str = "auto",
+    fast: FastPath | dict[str, bool] | None = None,
+) -> dict[str, Any]:
+    """Warm the masked-forward path up for images of ``size`` before the first explanation.
+
+    Runs one chunk of the masked forwards ``explain`` would run for ``method`` at ``size`` (zeros, the same
+    chunk shape, precision and switches), so that a server's start-up, not its first request, pays for
+    ``torch.compile``, CUDA-graph capture and cuDNN's autotuning. Cheap when the fast path is off.
+
+    Returns ``{"seconds", "precision", "batch_size", "fast", "compile_s", "capture_s", ...}``: what was
+    warmed and how long compile and capture took (:func:`unioncam.core.fast.stats`).
+    """
+    method = validate_method(method)
+    precision = validate_precision(precision)
+    validate_batch_size(batch_size)
+    hw = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if device is not None:
+        model.to(device)
+    model.to(memory_format=torch.channels_last)  # as explain_batch sets it
+    dev = model_device(model)
+    precision = resolve_precision(precision, dev)
+    scorer = Scorer(model, batch_size, None, precision, fast=fast)
+    scorer.batch_size = batch_size or default_batch_size(dev, hw)
+    impl = _methods.get(method)
+    start = time.perf_counter()
+    if impl.masked:
+        # The region map's chunks take normalised inputs where the model offers forward_normalized;
+        # Group-CAM's take pixels.
+        normalized = scorer.normalize is not None and method != "groupcam"
+        bs = scorer.batch_size
+        dtype = scorer.mask_dtype if normalized else model_dtype(model)
+        targets = torch.zeros(bs, dtype=torch.long, device=dev)
+        with backend_flags(dev, precision):
+            scorer(bs, lambda i, j: torch.zeros((j - i, 3, *hw), device=dev, dtype=dtype), targets,
+                   normalized=normalized)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+    return {"seconds": time.perf_counter() - start, "precision": precision, "batch_size": scorer.batch_size,
+            "size": hw, "method": method, "fast": scorer.fast.as_dict(), **stats(model)}

@@ -1,10 +1,12 @@
 """What every method shares: the captured forward/backward pass and the chunked scorer."""
 
 from .capture import Pass, black_probs, forward_pass, model_device, model_dtype
+from .fast import FastPath, resolve_fast
 from .scorer import DEFAULT_BATCH_SIZE, PRECISIONS, Scorer, backend_flags, default_batch_size, resolve_precision
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
+    "FastPath",
     "PRECISIONS",
     "Pass",
     "Scorer",
@@ -14,5 +16,6 @@ __all__ = [
     "forward_pass",
     "model_device",
     "model_dtype",
+    "resolve_fast",
     "resolve_precision",
 ]

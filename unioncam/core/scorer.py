@@ -21,6 +21,7 @@ from torch import nn
 
 from ..validation import PRECISIONS, validate_batch_size, validate_precision
 from .capture import model_device, model_dtype
+from .fast import FastPath, Runner, cast_params, engine, head_of, resolve_fast
 
 __all__ = ["DEFAULT_BATCH_SIZE", "PRECISIONS", "Scorer", "backend_flags", "cpu_has_native", "default_batch_size",
            "is_out_of_memory", "resolve_precision"]
@@ -143,18 +144,6 @@ def backend_flags(device: torch.device, precision: str) -> Iterator[None]:
             setattr(obj, attr, value)
 
 
-class _Runner(nn.Module):
-    """Calls ``model.<method>``: a module to hand ``torch.func.functional_call`` (parameters ``model.*``)."""
-
-    def __init__(self, model: nn.Module, method: str) -> None:
-        super().__init__()
-        self.model = model
-        self.method = method
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return getattr(self.model, self.method)(x)
-
-
 class Scorer:
     """Scores inputs ``f_c(z)`` in chunks of ``batch_size``; float32 softmax; no host sync per chunk.
 
@@ -170,10 +159,13 @@ class Scorer:
         batch_size: inputs per forward; ``None`` → :func:`default_batch_size` of the model's device.
         progress: anything with ``update(n)`` (a tqdm bar), told of every chunk scored.
         precision: one of :data:`PRECISIONS`, or ``"auto"`` (:func:`resolve_precision` on the model's device).
+        fast: switches of the fast path (:mod:`unioncam.core.fast`: a ``FastPath`` or a dict of some of
+            ``fixed_chunks``, ``pool_first``, ``compile``, ``cuda_graphs``) over the environment's
+            ``UNIONCAM_*`` variables over the device's defaults; :attr:`fast` holds what is used.
     """
 
     def __init__(self, model: nn.Module, batch_size: int | None = None, progress: Any = None,
-                 precision: str = "fp32") -> None:
+                 precision: str = "fp32", fast: FastPath | dict[str, bool] | None = None) -> None:
         self.model = model
         self.device = model_device(model)
         self.batch_size = validate_batch_size(batch_size) or default_batch_size(self.device)
@@ -190,9 +182,10 @@ class Scorer:
         self.mask_dtype = (self.autocast_dtype if self.normalize is not None and self.autocast_dtype is not None
                            else model_dtype(model))
         # The last Linear (the head) stays float32 under autocast; found once, not per chunk.
-        self._head = next((m for m in reversed(list(model.modules())) if isinstance(m, nn.Linear)), None)
-        self._runners = {False: _Runner(model, "forward"),
-                         True: _Runner(model, "forward_normalized") if self.normalize is not None else None}
+        self._head = head_of(model)
+        self._runners = {False: Runner(model, "forward"),
+                         True: Runner(model, "forward_normalized") if self.normalize is not None else None}
+        self.fast = resolve_fast(self.device, fast)
 
     @functools.cached_property
     def _low_params(self) -> dict[str, torch.Tensor]:
@@ -206,15 +199,7 @@ class Scorer:
         15 % of a bf16 forward on a CPU. Cast once here and handed to the forwards, they are the very
         tensors autocast would have made, so the scores are bit-identical.
         """
-        out = {}
-        for mname, mod in self.model.named_modules():
-            if mod is self._head or not isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
-                continue
-            for pname, param in mod.named_parameters(recurse=False):
-                if param.is_floating_point() and param.dtype != self.autocast_dtype:
-                    out[f"model.{mname}.{pname}" if mname else f"model.{pname}"] = param.detach().to(
-                        self.autocast_dtype)
-        return out
+        return cast_params(self.model, self._head, self.autocast_dtype)
 
     @contextlib.contextmanager
     def _autocast(self) -> Iterator[None]:
@@ -243,16 +228,25 @@ class Scorer:
                 handle.remove()
 
     def __call__(self, n: int, build: Callable[[int, int], torch.Tensor], targets: torch.Tensor,
-                 normalized: bool = False, fp32: bool = False) -> torch.Tensor:
+                 normalized: bool = False, fp32: bool = False,
+                 fill: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
         """Scores ``[n]`` (float32, on the device) of ``n`` inputs made by ``build(i, j)`` (inputs ``i:j``).
 
         ``targets``: ``[n]`` class indices on the device. ``normalized``: the inputs are already
         normalised (``forward_normalized``). ``fp32``: run these forwards in float32 whatever the
-        precision (the few forwards that decide).
+        precision (the few forwards that decide): they always take today's path. ``fill(i, j, out)``:
+        optionally, build inputs ``i:j`` straight into ``out`` (``[j - i, 3, H, W]``, channels-last), which
+        the fixed-chunk path uses to write each chunk into its reused (or CUDA graph's static) input.
         """
         runner = self._runners[normalized]
         assert runner is not None, "normalized inputs need a model with forward_normalized"
+        if self.fast.fixed_chunks and not fp32 and n > 0:
+            return self._fixed(n, build, targets, normalized, fill)
         params = {} if fp32 or self.autocast_dtype is None else self._low_params
+        if self.fast.pool_first and not fp32:  # pool-first alone: today's chunks, the rewritten network
+            eng = engine(self.model)
+            runner = eng.runner(normalized, True, self.device)
+            params = eng.low_params(self.autocast_dtype)
         out = torch.empty(n, device=targets.device, dtype=torch.float32)
         i, bs = 0, self.batch_size
         while i < n:
@@ -272,6 +266,60 @@ class Scorer:
             out[i:j] = logits.float().softmax(-1).gather(1, targets[i:j, None]).squeeze(1)
             if self.progress is not None:
                 self.progress.update(j - i)
+            i = j
+        return out
+
+    def _fixed(self, n: int, build: Callable[[int, int], torch.Tensor], targets: torch.Tensor, normalized: bool,
+               fill: Callable[[int, int, torch.Tensor], None] | None) -> torch.Tensor:
+        """:meth:`__call__` with every chunk ``batch_size`` rows (the fast path's ``fixed_chunks``).
+
+        The chunk buffer is made once per call (or is the CUDA graph's static input) and each chunk is
+        built into it; the last chunk's rows past ``n`` keep what the buffer held (finite inputs: the
+        previous chunk's, or zeros) and their scores are dropped. Rows are independent in eval mode, so
+        no score depends on them.
+        """
+        eng = engine(self.model)
+        dtype = self.autocast_dtype
+        runner = eng.runner(normalized, self.fast.pool_first, self.device)
+        fn = eng.chunk_fn(runner, dtype)
+        out = torch.empty(n, device=targets.device, dtype=torch.float32)
+        buf: torch.Tensor | None = None
+        i, bs = 0, self.batch_size
+        while i < n:
+            j = min(n, i + bs)
+            m = j - i
+            try:
+                with torch.no_grad(), self._autocast():
+                    if buf is None or buf.shape[0] != bs:
+                        first = build(i, j)
+                        key = (normalized, "pool-first" if eng.is_pool_first(runner) else "plain", dtype,
+                               (bs, *first.shape[1:]), first.dtype)
+                        # A captured graph's static input is the buffer: chunks are built straight into it.
+                        buf = eng.static_input(key)
+                        if buf is None:
+                            buf = torch.zeros((bs, *first.shape[1:]), device=first.device,
+                                              dtype=first.dtype).contiguous(memory_format=torch.channels_last)
+                        buf[:m].copy_(first)
+                        logits = eng.forward(key, fn, buf, self.fast)
+                    else:
+                        def into(static: torch.Tensor, i: int = i, j: int = j) -> None:
+                            if fill is not None:
+                                fill(i, j, static[:j - i])
+                            else:
+                                static[:j - i].copy_(build(i, j))
+
+                        logits = eng.forward(key, fn, buf, self.fast, fill=into)
+            except (torch.OutOfMemoryError, RuntimeError) as exc:
+                if not is_out_of_memory(exc) or bs == 1:
+                    raise
+                bs = max(1, bs // 2)  # back off rather than fail: a new, smaller fixed shape
+                buf = None
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            out[i:j] = logits[:m].float().softmax(-1).gather(1, targets[i:j, None]).squeeze(1)
+            if self.progress is not None:
+                self.progress.update(m)
             i = j
         return out
 

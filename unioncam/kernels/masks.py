@@ -63,6 +63,7 @@ def masked_inputs_torch(
     hi: torch.Tensor,
     out_dtype: torch.dtype = torch.float32,
     normalize: tuple[torch.Tensor, torch.Tensor] | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x_b ⊙ (up(A_bk) − lo) / (hi − lo)`` for each pair ``(b, k) = (image_idx[i], channel_idx[i])``.
 
@@ -76,6 +77,8 @@ def masked_inputs_torch(
         out_dtype: dtype of the result (the model's input dtype).
         normalize: optional ``(mean, std)`` broadcastable to ``[1, 3, 1, 1]``, applied to the masked
             pixels, for models fed already-normalised input.
+        out: optionally, the ``[n, 3, H, W]`` tensor (any layout, dtype ``out_dtype``) to write into and
+            return, e.g. a CUDA graph's static input.
 
     Returns:
         ``[n, 3, H, W]`` in ``out_dtype``.
@@ -83,11 +86,13 @@ def masked_inputs_torch(
     size = images.shape[-2:]
     u = up(acts[image_idx, channel_idx], tuple(size))  # [n, H, W]
     m = (u - lo[:, None, None]) / (hi - lo)[:, None, None]
-    out = images[image_idx].float() * m[:, None]
+    res = images[image_idx].float() * m[:, None]
     if normalize is not None:
         mean, std = normalize
-        out = (out - mean) / std
-    return out.to(out_dtype)
+        res = (res - mean) / std
+    if out is not None:
+        return out.copy_(res)
+    return res.to(out_dtype)
 
 
 def _scale(src: int, dst: int) -> float:
@@ -323,8 +328,9 @@ def masked_inputs_triton(
     block_p: int | None = None,
     max_yz: int = MAX_GRID_YZ,
     wide: bool | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Contract of :func:`masked_inputs_torch`, built straight into ``out_dtype``.
+    """Contract of :func:`masked_inputs_torch`, built straight into ``out_dtype`` (or into ``out``).
 
     Up-sampling, min–max, the product with the image and the optional normalisation happen in
     registers: no float32 ``[n, 3, H, W]`` intermediate exists. ``images`` and ``acts`` are read through
@@ -343,8 +349,12 @@ def masked_inputs_triton(
     n = int(image_idx.numel())
     block_r, block_p, num_warps = masked_blocks(H, W, block_r, block_p)
     grid = masked_grid(n, H, W, block_r, block_p, max_yz)  # checks the size before allocating for it
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    out = torch.empty((n, 3, H, W), device=images.device, dtype=out_dtype, memory_format=fmt)
+    if out is None:
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        out = torch.empty((n, 3, H, W), device=images.device, dtype=out_dtype, memory_format=fmt)
+    elif tuple(out.shape) != (n, 3, H, W) or out.device != images.device:
+        raise ValueError(f"masked_inputs: out is {tuple(out.shape)} on {out.device}, not {(n, 3, H, W)} on "
+                         f"{images.device}")
     if n == 0:
         return out
     if normalize is not None:
@@ -387,16 +397,18 @@ def masked_inputs(
     hi: torch.Tensor,
     out_dtype: torch.dtype = torch.float32,
     normalize: tuple[torch.Tensor, torch.Tensor] | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Masked inputs on the best available path (see :func:`masked_inputs_torch` and :func:`use_triton`).
 
-    On the Triton path the result is channels-last, the layout cuDNN prefers for the forwards.
+    On the Triton path the result is channels-last, the layout cuDNN prefers for the forwards. ``out``:
+    write into this tensor (a reused chunk buffer, a CUDA graph's static input) instead of a new one.
     """
     if use_triton(images, acts, op="masked_inputs"):
         try:
             return masked_inputs_triton(
-                images, acts, image_idx, channel_idx, lo, hi, out_dtype, normalize, channels_last=True
+                images, acts, image_idx, channel_idx, lo, hi, out_dtype, normalize, channels_last=True, out=out
             )
         except KernelUnavailable as e:
             fall_back("masked_inputs", e)
-    return masked_inputs_torch(images, acts, image_idx, channel_idx, lo, hi, out_dtype, normalize)
+    return masked_inputs_torch(images, acts, image_idx, channel_idx, lo, hi, out_dtype, normalize, out=out)

@@ -44,6 +44,9 @@ def region_map(p: Pass, scorer: Scorer) -> tuple[torch.Tensor, torch.Tensor]:
                                    out_dtype=scorer.mask_dtype, normalize=scorer.normalize),
         p.targets[b_idx],
         normalized=scorer.normalize is not None,
+        # The fixed-chunk path builds each chunk straight into its reused (or graph's static) input.
+        fill=lambda i, j, out: masked_inputs(p.x, p.acts, b_idx[i:j], k_idx[i:j], lo_a[i:j], hi_a[i:j],
+                                             out_dtype=scorer.mask_dtype, normalize=scorer.normalize, out=out),
     )
     s = torch.zeros(B, K, device=p.x.device, dtype=torch.float32)
     s[b_idx, k_idx] = scores
