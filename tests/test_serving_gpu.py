@@ -275,3 +275,25 @@ def test_gpu_settings_wait_for_a_slot_within_the_bound_and_refuse_beyond(tmp_pat
         t.join()
     finally:
         h.lease.close()
+
+
+def test_a_worker_with_the_compiled_fast_path_compiles_at_start_up(tmp_path, monkeypatch):
+    """UNIONCAM_COMPILE=1: the worker's initialize compiles the chunk forward (``unioncam.prepare``), so the
+    first request finds it compiled; the answer is the library's with the same switches."""
+    from unioncam.core import fast
+    from unioncam.serve.handler import UnionCAMHandler
+
+    monkeypatch.setenv("UNIONCAM_COMPILE", "1")
+    monkeypatch.setenv("UNIONCAM_COMPILE_BACKEND", "eager")  # the plumbing, without Inductor's minutes here
+    h = UnionCAMHandler()
+    ctx = _context(tmp_path, [{"explain": "True"}], device="cpu", explain_wait_s=0.0)
+    ctx.system_properties["gpu_id"] = None
+    h.initialize(ctx)
+    warmed = fast.stats(h.model)
+    assert warmed and warmed["compile_s"] and not warmed["compile_failed"], warmed
+    png = random_png(seed=5, side=SIZE)
+    (body,) = h.handle([{"body": png}], ctx)
+    assert ctx.status.get(0, 200) == 200, body
+    assert fast.stats(h.model)["compile_s"] == warmed["compile_s"]  # nothing compiled on the request
+    lib = unioncam.explain(h.model, _pixels(png), precision="fp32")
+    assert torch.allclose(_map(body), lib.saliency, atol=1e-3)

@@ -25,8 +25,9 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..api import explain, explain_batch
+from ..api import explain, explain_batch, prepare
 from ..core.capture import black_probs, model_dtype
+from ..core.fast import resolve_fast
 from ..core.scorer import resolve_precision
 from ..errors import InvalidInputError
 from ..methods import get as get_method
@@ -127,6 +128,12 @@ class UnionCAMHandler:
         size = (self.defaults.image_size, self.defaults.image_size)
         # b = f_c(0) once at start-up: every UnionCAM request then reuses the engine's cached value.
         black_probs(self.model, size, self.device, model_dtype(self.model))
+        # With torch.compile or CUDA graphs switched on (UNIONCAM_COMPILE / UNIONCAM_CUDA_GRAPHS), the
+        # worker's start-up pays for compiling and capturing the chunk forward, not its first request.
+        if resolve_fast(self.device).compile or resolve_fast(self.device).cuda_graphs:
+            warm = prepare(self.model, size, method=self.defaults.method, batch_size=self.batch_size,
+                           precision=self.precision)
+            logger.info("unioncam fast path warmed up: %s", warm)
         self.context = context
         self.initialized = True
         logger.info(
