@@ -236,30 +236,27 @@ def targets_arg(text: str) -> int | list[int]:
     return values[0] if len(values) == 1 else values
 
 
-def port_arg(text: str) -> int:
-    """A TCP port: an integer in ``[1, 65535]``."""
+def _int_arg(text: str, low: int, high: int | None, accepted: str, kind: str) -> int:
+    """``text`` as an integer in ``[low, high]`` for argparse, or its error naming what is accepted."""
     import argparse
 
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number; accepted: an integer in [1, 65535]") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{value} is not a TCP port; accepted: an integer in [1, 65535]")
+        raise argparse.ArgumentTypeError(f"{text!r} is not {kind}; accepted: {accepted}") from None
+    if value < low or (high is not None and value > high):
+        raise argparse.ArgumentTypeError(f"{value} is not {kind}; accepted: {accepted}")
     return value
+
+
+def port_arg(text: str) -> int:
+    """A TCP port: an integer in ``[1, 65535]``."""
+    return _int_arg(text, 1, 65535, "an integer in [1, 65535]", "a TCP port")
 
 
 def positive_int_arg(text: str) -> int:
     """An integer ≥ 1."""
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; accepted: an integer ≥ 1") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}; accepted: an integer ≥ 1")
-    return value
+    return _int_arg(text, 1, None, "an integer ≥ 1", "a positive integer")
 
 
 def opacity_arg(text: str) -> float:
