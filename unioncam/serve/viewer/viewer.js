@@ -181,7 +181,7 @@
         if (info.masked.includes(m)) {
           const hint = document.createElement("span");
           hint.className = "muted";
-          hint.textContent = " (masked forwards: slow on a CPU)";
+          hint.textContent = " (one forward per channel: slower than the gradient methods)";
           label.append(hint);
         }
         box.append(label);
