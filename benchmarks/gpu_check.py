@@ -19,8 +19,8 @@ passed since the start (and none is given more than what is left of it):
    CUDA graphs, ``torch.compile``, all of them, and all at 128 inputs per forward, same images, one process.
 4. ``serving``: the TorchServe handler in-process on the GPU (``benchmarks/gpu_serving.py``): its traps,
    its handler tests, 32 UnionCAM + 32 prediction requests in TorchServe's batches against ``unioncam.explain``.
-5. ``throughput``: ours, 8 images per call, every call the same shape.
-6. ``kernel-tests``: ``tests/test_kernels*.py`` on the compiled kernels (pytest's output and JUnit XML).
+5. ``kernel-tests``: ``tests/test_kernels*.py`` on the compiled kernels (pytest's output and JUnit XML).
+6. ``throughput``: ours, 8 images per call, every call the same shape.
 7. ``precision``: bf16 and fp16 maps (UnionCAM, Score-CAM) against strict fp32 ones (VGG16).
 8. ``profile``: ``torch.profiler`` of one UnionCAM bf16 explanation: top CUDA kernels, GPU time shares.
 9. ``batch-sweep``: ours UnionCAM bf16 at 16 / 32 / 64 / 128 masked inputs per forward (dry run: also fp32).
@@ -119,11 +119,12 @@ def _steps(a: argparse.Namespace, out: Path) -> list[Step]:
         # The TorchServe handler in-process on this device (benchmarks/gpu_serving.py: no Java needed).
         Step("serving", 100, [py, str(BENCH / "gpu_serving.py"), "--out", f"{o}/serving.json"]
              + (["--dry-run"] if a.dry_run else []), ["serving.json"]),
-        Step("throughput", 75, [py, bl, *model, *tp, "--warmup", "1", "--methods", "unioncam",
-                                "--precision", tp_precisions, "--out", f"{o}/throughput.json"], ["throughput.json"]),
+        # The kernel tests before throughput: they took 48 s on the H200 and were cut off on the H100.
         Step("kernel-tests", 120, [py, "-m", "pytest", "-v", "-rA", "--tb=short", "-p", "no:cacheprovider",
                                    f"--junitxml={o}/kernel-tests.xml", *deselect, *tests], ["kernel-tests.xml"],
              env=test_env, kernels_switch=False),
+        Step("throughput", 75, [py, bl, *model, *tp, "--warmup", "1", "--methods", "unioncam",
+                                "--precision", tp_precisions, "--out", f"{o}/throughput.json"], ["throughput.json"]),
         Step("precision", 75, [py, bp, *prec, "--method", "unioncam,scorecam", "--precision", "bf16,fp16",
                                "--out", f"{o}/precision-{{method}}.json"],
              ["precision-unioncam.json", "precision-scorecam.json"]),

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 JSONS = ["steps.json", "preflight.json", "latency.json", "throughput.json", "batch-sweep.json",
          "precision-unioncam.json", "precision-scorecam.json", "profile.json", "serving.json", "ab.json"]
-STEPS = ["preflight", "latency", "ab", "serving", "throughput", "kernel-tests", "precision", "profile", "batch-sweep"]
+STEPS = ["preflight", "latency", "ab", "serving", "kernel-tests", "throughput", "precision", "profile", "batch-sweep"]
 AB_VARIANTS = ["today", "fixed", "pool-first", "graphs", "compile", "all", "all-bs128"]
 
 
