@@ -18,6 +18,7 @@ pytestmark = [pytest.mark.server, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "docs" / "torchserve.md"
 PORTS = (8080, 8081, 8082, 7070, 7071)
+_TS_LOG = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[,.]\d+ \[")  # TorchServe's log4j lines
 
 
 def blocks(text: str) -> list[str]:
@@ -70,14 +71,25 @@ def test_the_plain_torchserve_page_runs_as_written(tmp_path):
     logs = "\n".join(p.read_text(errors="replace")[-3000:] for p in (work / "logs").glob("*.log")) \
         if (work / "logs").is_dir() else ""
     assert proc.returncode == 0 and "=== done" in out, out[-3000:] + proc.stderr[-3000:] + logs
-    assert "unioncam handler ready" in (work / "logs" / "model_log.log").read_text()
-    assert '"status": "Healthy"' in out
-    assert "ping without the key: 400" in out and "metrics: 200" in out
-    assert "disk unioncam [64, 64]" in out  # the trained shapes CNN sees the drawn disk
-    assert '"class_name": "disk"' in out
-    assert "workers 2 min 2 max 2 batch 1" in out  # the archive's two CPU workers
-    assert "Workers scaled to 3" in out
-    assert "register without the model API: 405" in out and "unregister without the model API: 405" in out
-    assert 'registered with 2 initial workers' in out  # initial_workers=1 overridden by the archive
-    assert "Workers scaled to 1" in out and 'unregistered' in out
-    assert out.count("TorchServe has stopped") == 2
+    # What the page printed, TorchServe's own log lines (on the same console) apart: every failure shows it.
+    said = "\n".join(line for line in out.splitlines() if not _TS_LOG.match(line))
+    print(said)  # pytest shows it in full on a failure (an assertion message is cut short)
+    model_log = (work / "logs" / "model_log.log").read_text()
+    assert "unioncam handler ready" in model_log, model_log[-3000:]
+    expected = (
+        ('"status": "Healthy"', "/ping with the inference key"),
+        ("ping without the key: 400", "/ping without a key"),
+        ("metrics: 200", "the metrics endpoint needs no key"),
+        ("disk unioncam [64, 64]", "the trained shapes CNN explains the drawn disk"),
+        ('"class_name": "disk"', "the trained shapes CNN predicts the drawn disk"),
+        ("workers 2 min 2 max 2 batch 1", "the archive's two CPU workers"),
+        ("Workers scaled to 3", "scaling up"),
+        ("register without the model API: 405", "register refused"),
+        ("unregister without the model API: 405", "unregister refused"),
+        ("registered with 2 initial workers", "initial_workers=1 overridden by the archive"),
+        ("Workers scaled to 1", "scaling down"),
+        ('unregistered', "unregistering through the model API"),
+    )
+    for text, what in expected:
+        assert text in out, f"{what}: {text!r} is not in what the page printed:\n{said[-6000:]}\n--- logs:\n{logs}"
+    assert out.count("TorchServe has stopped") == 2, said[-6000:]
