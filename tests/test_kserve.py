@@ -43,9 +43,12 @@ def _stop(proc: subprocess.Popen, timeout: float = 30.0) -> None:
         except ProcessLookupError:
             break
         deadline = time.monotonic() + timeout
-        while _group_alive(proc.pid) and time.monotonic() < deadline:
+        # Reap the launcher as it exits: an unreaped zombie leader keeps the group "alive" to killpg(…, 0).
+        while proc.poll() is None or _group_alive(proc.pid):
+            if time.monotonic() > deadline:
+                break
             time.sleep(0.2)
-        if not _group_alive(proc.pid):
+        if proc.poll() is not None and not _group_alive(proc.pid):
             break
     proc.wait(timeout)
 
