@@ -93,13 +93,19 @@ def test_gpu_estimate_is_the_h100_measurement():
 # ---------------------------------------------------------------------------- live workers, slots
 
 
-def _lease_holder(key: str, group: str = "") -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", (
+def _lease_holders(key: str, n: int, group: str = "") -> list[subprocess.Popen]:
+    """``n`` processes holding a worker's lease of ``key`` (started together, returned once all hold it)."""
+    procs = [subprocess.Popen([sys.executable, "-c", (
         "import time; from unioncam.serve.limits import WorkerLease\n"
         f"lease = WorkerLease({key!r}, {group!r}); print('held', flush=True); time.sleep(60)\n")],
-        stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "held"
-    return proc
+        stdout=subprocess.PIPE, text=True) for _ in range(n)]
+    for proc in procs:
+        assert proc.stdout.readline().strip() == "held"
+    return procs
+
+
+def _lease_holder(key: str, group: str = "") -> subprocess.Popen:
+    return _lease_holders(key, 1, group)[0]
 
 
 def test_slots_follow_the_live_workers(tmp_path):
@@ -107,7 +113,7 @@ def test_slots_follow_the_live_workers(tmp_path):
     me = WorkerLease(key)
     slots = Slots(key + ":", None, me)
     assert me.live() == 1 and slots.n == 1  # alone: one slot all the same (else nothing could explain)
-    others = [_lease_holder(key) for _ in range(2)]
+    others = _lease_holders(key, 2)
     try:
         assert me.live() == 3 and slots.n == 2
         gpu = _lease_holder(key, "0")  # another GPU's worker does not count here
@@ -124,6 +130,48 @@ def test_slots_follow_the_live_workers(tmp_path):
             p.wait()
     assert me.live() == 1
     assert Slots(key, 3).n == 3  # a fixed number stays fixed
+
+
+def test_cpu_threads_follow_the_live_workers(tmp_path, monkeypatch):
+    """A CPU worker's threads are the cores over the live workers, refitted at each batch: after a scale
+    up, down, or a worker that died; ``OMP_NUM_THREADS`` fixes them."""
+    from unioncam.serve.handler import UnionCAMHandler
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    before = torch.get_num_threads()
+    others: list[subprocess.Popen] = []
+    try:
+        ctx = _context(tmp_path, [], device="cpu", explain_wait_s=0)
+        ctx.model_yaml_config["minWorkers"] = 2
+        h = UnionCAMHandler()
+        h.initialize(ctx)
+        assert h.device.type == "cpu" and torch.get_num_threads() == 4  # the archive's two workers
+
+        def batch() -> int:
+            out = h.handle([{"body": random_png(4)}], _context(tmp_path, [{}]))
+            assert len(out[0]["predictions"]) == 5
+            return torch.get_num_threads()
+
+        key = f"{tmp_path}:unioncam"
+        assert batch() == 8  # the other worker never came: this one has every core
+        others = _lease_holders(key, 3)
+        assert batch() == 2  # scaled to 4
+        for p in others[:2]:
+            p.kill()
+            p.wait()
+        assert batch() == 4  # two of them gone
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        torch.set_num_threads(3)
+        fixed = UnionCAMHandler()
+        fixed.initialize(ctx)
+        fixed.handle([{"body": random_png(4)}], _context(tmp_path, [{}]))
+        assert torch.get_num_threads() == 3
+    finally:
+        for p in others:
+            p.kill()
+            p.wait()
+        torch.set_num_threads(before)
 
 
 def test_a_waiting_explanation_gets_the_slot_when_it_frees(tmp_path):

@@ -86,7 +86,9 @@ class UnionCAMHandler:
         # An archive's "auto" is decided here, on this worker's device; one older than it meant fp32.
         self.precision = resolve_precision(validate_precision(cfg.get("precision", "fp32")), self.device)
         workers = int((context.model_yaml_config or {}).get("minWorkers", 1) or 1)
-        if self.device.type == "cpu" and workers > 1:
+        #: OMP_NUM_THREADS in the workers' environment fixes their threads; else they follow the live workers.
+        self.fixed_threads = bool(os.environ.get("OMP_NUM_THREADS"))
+        if self.device.type == "cpu" and workers > 1 and not self.fixed_threads:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))  # the workers share the cores
         # Explanations with masked forwards at once across this model's workers (they share model_dir);
         # with GPU settings, per GPU. Each worker holds a lease for its life: the slots follow the live ones.
@@ -146,6 +148,19 @@ class UnionCAMHandler:
         )
 
     # ------------------------------------------------------------------------------------ answering
+
+    def _fit_threads(self) -> None:
+        """On a CPU the model's live workers share the cores: each takes ``cores // live`` threads, refitted
+        before every batch, so a worker scaled up or down through the management API (or one that died)
+        changes the others' threads at their next batch. ``OMP_NUM_THREADS`` set for the workers fixes them."""
+        if self.device.type != "cpu" or self.fixed_threads:
+            return
+        live = max(1, self.lease.live())
+        threads = max(1, (os.cpu_count() or 1) // live)
+        if threads != torch.get_num_threads():
+            logger.info("unioncam handler: %d live worker(s) share %d cores: %d thread(s) each", live,
+                        os.cpu_count() or 1, threads)
+            torch.set_num_threads(threads)
 
     def _predict(self, items: list[Item]) -> list[list[dict[str, Any]]]:
         x = torch.stack([it.pixels for it in items]).to(self.device)
@@ -277,6 +292,7 @@ class UnionCAMHandler:
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[Any]:
         """Answer every request of the batch: a dict (JSON), bytes (PNG) or a JSON error with a 4xx/5xx."""
         self.context = context
+        self._fit_threads()
         out: list[Any] = [None] * len(data)
         parsed: dict[int, Request] = {}
         for idx, row in enumerate(data):
