@@ -85,11 +85,10 @@ class UnionCAMHandler:
         self.gpu_settings = cfg.get("device", "cpu") == "cuda"
         # An archive's "auto" is decided here, on this worker's device; one older than it meant fp32.
         self.precision = resolve_precision(validate_precision(cfg.get("precision", "fp32")), self.device)
-        workers = int((context.model_yaml_config or {}).get("minWorkers", 1) or 1)
+        #: The threads torch takes on this machine for a process alone: what the live workers share.
+        self.cores = torch.get_num_threads()
         #: OMP_NUM_THREADS in the workers' environment fixes their threads; else they follow the live workers.
         self.fixed_threads = bool(os.environ.get("OMP_NUM_THREADS"))
-        if self.device.type == "cpu" and workers > 1 and not self.fixed_threads:
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))  # the workers share the cores
         # Explanations with masked forwards at once across this model's workers (they share model_dir);
         # with GPU settings, per GPU. Each worker holds a lease for its life: the slots follow the live ones.
         key = f"{model_dir}:{context.model_name}"
@@ -97,6 +96,8 @@ class UnionCAMHandler:
         self.lease = WorkerLease(key, group)
         self.slots = Slots(f"{key}:{group}", cfg.get("explain_slots"), self.lease,
                            wait_s=float(cfg.get("explain_wait_s") or 0))
+        # Until the first batch counts them: the archive's workers (the others may still be starting).
+        self._fit_threads(int((context.model_yaml_config or {}).get("minWorkers", 1) or 1))
         self.delay_s = float(os.environ.get(DELAY_ENV) or 0)
         name = cfg.get("model", "vgg16")
         if cfg.get("weights", "file") == "random":
@@ -149,17 +150,17 @@ class UnionCAMHandler:
 
     # ------------------------------------------------------------------------------------ answering
 
-    def _fit_threads(self) -> None:
-        """On a CPU the model's live workers share the cores: each takes ``cores // live`` threads, refitted
-        before every batch, so a worker scaled up or down through the management API (or one that died)
-        changes the others' threads at their next batch. ``OMP_NUM_THREADS`` set for the workers fixes them."""
+    def _fit_threads(self, live: int | None = None) -> None:
+        """On a CPU the model's ``live`` workers (default: counted now) share the cores: each takes
+        ``cores // live`` threads. Refitted before every batch, so a worker scaled up or down through the
+        management API (or one that died) changes the others' threads at their next batch.
+        ``OMP_NUM_THREADS`` set for the workers fixes them."""
         if self.device.type != "cpu" or self.fixed_threads:
             return
-        live = max(1, self.lease.live())
-        threads = max(1, (os.cpu_count() or 1) // live)
+        live = max(1, self.lease.live() if live is None else live)
+        threads = max(1, self.cores // live)
         if threads != torch.get_num_threads():
-            logger.info("unioncam handler: %d live worker(s) share %d cores: %d thread(s) each", live,
-                        os.cpu_count() or 1, threads)
+            logger.info("unioncam handler: %d worker(s) share %d threads: %d each", live, self.cores, threads)
             torch.set_num_threads(threads)
 
     def _predict(self, items: list[Item]) -> list[list[dict[str, Any]]]:
