@@ -67,7 +67,7 @@ def _context(model_dir: Path, gpu_id, handler: dict, headers: list[dict], min_wo
 
 
 def _handler(model_dir: Path, gpu_id, cfg: dict):
-    from unioncam.serve.handler import UnionCAMHandler
+    from unioncam.serve.torchserve.handler import UnionCAMHandler
 
     h = UnionCAMHandler()
     h.initialize(_context(model_dir, gpu_id, cfg, []))
@@ -94,7 +94,7 @@ def _sync(device: torch.device) -> None:
 
 def part_traps(a, model_dir: Path, gpu_id, cfg: dict) -> dict:
     """gpu_id None → CPU with one log line; a faked CUDA OOM → 507 for that request, the next one served."""
-    import unioncam.serve.handler as handler_module
+    import unioncam.serve.service as handler_module
     from tests.fakes import random_png
 
     rec: dict = {}
@@ -104,7 +104,7 @@ def part_traps(a, model_dir: Path, gpu_id, cfg: dict) -> dict:
         def emit(self, record):
             records.append(record)
 
-    log = logging.getLogger("unioncam.serve.handler")
+    log = logging.getLogger("unioncam.serve.service")
     keep, level = Keep(), log.level
     log.addHandler(keep)
     log.setLevel(logging.INFO)

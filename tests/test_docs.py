@@ -174,7 +174,7 @@ class DocsServer:
 @pytest.fixture(scope="session")
 def docs_server(scratch):
     """One `unioncam serve` for every page's curl examples: shapes CNN, 64², one worker, free ports."""
-    from unioncam.serve.server import Ports, config_text
+    from unioncam.serve.torchserve.server import Ports, config_text
 
     ports = Ports.free()
     config = scratch / "docs-server.properties"

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from unioncam.eval.groundtruth import write_folder
-from unioncam.serve.server import free_port
+from unioncam.serve.torchserve.server import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -126,7 +126,7 @@ def _stale_run(tmp_path):
     """A run folder whose server is gone: its key file and config point at a port nothing listens on."""
     import json
 
-    from unioncam.serve.server import Ports, config_text, free_port
+    from unioncam.serve.torchserve.server import Ports, config_text, free_port
 
     run = tmp_path / "runs" / "current"
     run.mkdir(parents=True)
@@ -215,7 +215,7 @@ def test_archive_and_serve_share_the_rule_offline(tmp_path, monkeypatch, capsys)
 
 
 def test_each_explanation_names_its_weights(tmp_path):
-    from unioncam.serve.handler import UnionCAMHandler
+    from unioncam.serve.torchserve.handler import UnionCAMHandler
 
     from .fakes import FakeContext, random_png
 
@@ -239,7 +239,7 @@ def test_serve_with_nothing_named_serves_the_shapes_cnn_and_its_map_is_on_the_sh
     import requests
 
     from unioncam.eval.groundtruth import make_sample
-    from unioncam.serve.server import Ports, config_text, free_port
+    from unioncam.serve.torchserve.server import Ports, config_text, free_port
 
     from .fakes import serving
 
@@ -277,6 +277,6 @@ def test_serve_with_nothing_named_serves_the_shapes_cnn_and_its_map_is_on_the_sh
 
 
 def _inference_port(config: Path) -> int:
-    from unioncam.serve.server import _ports_of
+    from unioncam.serve.torchserve.server import _ports_of
 
     return _ports_of(config.read_text()).inference

@@ -24,7 +24,7 @@ from PIL import Image
 
 import unioncam
 from unioncam.serve.archive import ArchiveSettings, build_archive, package_digest
-from unioncam.serve.server import Ports, TorchServe, config_text
+from unioncam.serve.torchserve.server import Ports, TorchServe, config_text
 
 requests = pytest.importorskip("requests")
 pytestmark = pytest.mark.server

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from unioncam.serve.server import Ports, _ports_of, config_text
+from unioncam.serve.torchserve.server import Ports, _ports_of, config_text
 
 from .fakes import serving
 

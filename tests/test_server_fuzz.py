@@ -24,7 +24,7 @@ BATCH = 24
 
 @pytest.fixture(scope="module")
 def handler(tmp_path_factory):
-    from unioncam.serve.handler import UnionCAMHandler
+    from unioncam.serve.torchserve.handler import UnionCAMHandler
 
     h = UnionCAMHandler()
     h.initialize(FakeContext(tmp_path_factory.mktemp("model"), []))

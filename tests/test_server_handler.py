@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def handler(tmp_path_factory):
-    from unioncam.serve.handler import UnionCAMHandler
+    from unioncam.serve.torchserve.handler import UnionCAMHandler
 
     h = UnionCAMHandler()
     h.initialize(FakeContext(tmp_path_factory.mktemp("model"), []))

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from unioncam.serve.archive import ArchiveSettings, build_archive
-from unioncam.serve.server import Ports, TorchServe, config_text
+from unioncam.serve.torchserve.server import Ports, TorchServe, config_text
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 

@@ -132,7 +132,7 @@ def settings():
 
 @pytest.fixture(scope="module")
 def handler(tmp_path_factory, settings):
-    from unioncam.serve.handler import UnionCAMHandler
+    from unioncam.serve.torchserve.handler import UnionCAMHandler
 
     h = UnionCAMHandler()
     h.initialize(_context(tmp_path_factory.mktemp("model"), settings, []))
@@ -176,7 +176,7 @@ def test_handler_serves_resnet18_predictions_and_explanations(handler, resnet):
 
 
 def test_too_many_masked_explanations_for_the_timeout_are_refused(tmp_path, settings):
-    from unioncam.serve.handler import UnionCAMHandler
+    from unioncam.serve.torchserve.handler import UnionCAMHandler
 
     h = UnionCAMHandler()
     ctx = _context(tmp_path, settings, [])
@@ -196,7 +196,7 @@ def test_too_many_masked_explanations_for_the_timeout_are_refused(tmp_path, sett
 @pytest.mark.server
 def test_torchserve_serves_a_resnet18_archive(tmp_path):
     requests = pytest.importorskip("requests")
-    from unioncam.serve.server import Ports, TorchServe, config_text
+    from unioncam.serve.torchserve.server import Ports, TorchServe, config_text
 
     settings = ArchiveSettings(model="resnet18", weights="random", image_size=SIZE, workers=1, batch_size=64)
     mar = build_archive(settings, tmp_path / "store", "resnet")

@@ -18,8 +18,8 @@ import torch
 
 import unioncam
 from unioncam.serve.archive import ArchiveSettings, build_archive
-from unioncam.serve.handler import DELAY_ENV
-from unioncam.serve.server import Ports, TorchServe, config_text
+from unioncam.serve.service import DELAY_ENV
+from unioncam.serve.torchserve.server import Ports, TorchServe, config_text
 
 from .fakes import random_png
 

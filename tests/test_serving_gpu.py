@@ -41,7 +41,7 @@ def _context(model_dir: Path, headers: list[dict], **handler) -> FakeContext:
 def gpu_handler(tmp_path_factory):
     """A handler whose archive was made for a GPU (``device: cuda``), running on this CPU (gpu_id None) or
     on the GPU ``UNIONCAM_TEST_GPU_ID``."""
-    from unioncam.serve.handler import UnionCAMHandler
+    from unioncam.serve.torchserve.handler import UnionCAMHandler
 
     h = UnionCAMHandler()
     h.initialize(_context(tmp_path_factory.mktemp("gpu-model"), []))
@@ -135,7 +135,7 @@ def test_slots_follow_the_live_workers(tmp_path):
 def test_cpu_threads_follow_the_live_workers(tmp_path, monkeypatch):
     """A CPU worker's threads are the cores over the live workers, refitted at each batch: after a scale
     up, down, or a worker that died; ``OMP_NUM_THREADS`` fixes them."""
-    from unioncam.serve.handler import UnionCAMHandler
+    from unioncam.serve.torchserve.handler import UnionCAMHandler
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     before = torch.get_num_threads()
@@ -212,7 +212,7 @@ def _hold(slots: Slots, announced: float, seconds: float) -> None:
 
 
 def test_gpu_settings_share_one_explain_batch_and_answer_each_on_its_own(gpu_handler, monkeypatch):
-    import unioncam.serve.handler as handler_module
+    import unioncam.serve.service as handler_module
 
     calls = []
     real = handler_module.explain_batch
@@ -237,7 +237,7 @@ def test_gpu_settings_share_one_explain_batch_and_answer_each_on_its_own(gpu_han
 
 
 def test_a_cuda_out_of_memory_is_that_requests_507_and_the_next_is_served(gpu_handler, monkeypatch):
-    import unioncam.serve.handler as handler_module
+    import unioncam.serve.service as handler_module
 
     real, failures = handler_module.explain, []
 
@@ -259,7 +259,7 @@ def test_a_cuda_out_of_memory_is_that_requests_507_and_the_next_is_served(gpu_ha
 
 
 def test_a_shared_call_that_fails_falls_back_to_each_request_alone(gpu_handler, monkeypatch):
-    import unioncam.serve.handler as handler_module
+    import unioncam.serve.service as handler_module
 
     def boom(*args, **kw):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (shared chunks)")
@@ -273,7 +273,7 @@ def test_a_shared_call_that_fails_falls_back_to_each_request_alone(gpu_handler, 
 
 @pytest.mark.parametrize("gpu_id", [None, "absent", "0"])
 def test_no_usable_gpu_id_serves_on_the_cpu_with_one_log_line(tmp_path, monkeypatch, caplog, gpu_id):
-    from unioncam.serve.handler import UnionCAMHandler
+    from unioncam.serve.torchserve.handler import UnionCAMHandler
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu_id is None)  # None: a GPU machine without gpu_id
     ctx = _context(tmp_path, [])
@@ -282,7 +282,7 @@ def test_no_usable_gpu_id_serves_on_the_cpu_with_one_log_line(tmp_path, monkeypa
     else:
         ctx.system_properties["gpu_id"] = gpu_id
     h = UnionCAMHandler()
-    with caplog.at_level(logging.INFO, logger="unioncam.serve.handler"):
+    with caplog.at_level(logging.INFO, logger="unioncam.serve.service"):
         h.initialize(ctx)
     assert h.device == torch.device("cpu")
     notes = [r.getMessage() for r in caplog.records if "serving on the CPU" in r.getMessage()]
@@ -296,7 +296,7 @@ def test_no_usable_gpu_id_serves_on_the_cpu_with_one_log_line(tmp_path, monkeypa
 
 
 def test_gpu_settings_wait_for_a_slot_within_the_bound_and_refuse_beyond(tmp_path):
-    from unioncam.serve.handler import UnionCAMHandler
+    from unioncam.serve.torchserve.handler import UnionCAMHandler
 
     h = UnionCAMHandler()
     h.initialize(_context(tmp_path, [], explain_slots=1, explain_wait_s=3.0))
@@ -329,7 +329,7 @@ def test_a_worker_with_the_compiled_fast_path_compiles_at_start_up(tmp_path, mon
     """UNIONCAM_COMPILE=1: the worker's initialize compiles the chunk forward (``unioncam.prepare``), so the
     first request finds it compiled; the answer is the library's with the same switches."""
     from unioncam.core import fast
-    from unioncam.serve.handler import UnionCAMHandler
+    from unioncam.serve.torchserve.handler import UnionCAMHandler
 
     monkeypatch.setenv("UNIONCAM_COMPILE", "1")
     monkeypatch.setenv("UNIONCAM_COMPILE_BACKEND", "eager")  # the plumbing, without Inductor's minutes here

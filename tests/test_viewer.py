@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from unioncam.serve.server import free_port
+from unioncam.serve.torchserve.server import free_port
 from unioncam.serve.viewer import MAX_BODY, STATIC, Viewer, archive_info
 
 requests = pytest.importorskip("requests")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from unioncam.serve.server import Ports, config_text, free_port
+from unioncam.serve.torchserve.server import Ports, config_text, free_port
 
 from .fakes import serving
 

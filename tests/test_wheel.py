@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from unioncam.serve.server import Ports, config_text, free_port
+from unioncam.serve.torchserve.server import Ports, config_text, free_port
 
 from .fakes import serving
 
@@ -99,7 +99,7 @@ def test_serve_from_the_wheel(user):
 
 
 def _inference_port(config: Path) -> int:
-    from unioncam.serve.server import _ports_of
+    from unioncam.serve.torchserve.server import _ports_of
 
     return _ports_of(config.read_text()).inference
 

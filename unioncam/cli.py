@@ -13,7 +13,7 @@ __all__ = ["main", "build_parser"]
 # Sub-commands that live in their own modules: each module has ``add_parser(subparsers)``, which
 # registers its command with ``set_defaults(func=...)``. Imported lazily so `unioncam --help` is quick
 # and a missing optional extra only breaks its own command.
-_PLUGIN_MODULES: tuple[str, ...] = ("unioncam.serve.server", "unioncam.eval.evaluate", "unioncam.eval.figure")
+_PLUGIN_MODULES: tuple[str, ...] = ("unioncam.serve.runner", "unioncam.eval.evaluate", "unioncam.eval.figure")
 
 
 def _weights_label(weights: str | None, seed: int) -> str | None:

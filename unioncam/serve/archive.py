@@ -1,7 +1,7 @@
 """``unioncam archive``: the TorchServe model archive (``.mar``) for the current settings.
 
 The archive holds ``unioncam_handler.py`` (TorchServe's entry point: it re-exports
-:mod:`unioncam.serve.handler`), a copy of the installed ``unioncam`` package — TorchServe puts the model
+:mod:`unioncam.serve.torchserve.handler`), a copy of the installed ``unioncam`` package — TorchServe puts the model
 folder first on the worker's path, so the worker runs the engine the archive was built with —
 ``index_to_name.json``, ``model-config.yaml`` and the weights (for ``random`` only the seed). Everything is
 read from the installed package, so a wheel builds archives as well as a source checkout.
@@ -27,7 +27,7 @@ __all__ = ["ENTRY_POINT", "ArchiveSettings", "archived_yaml", "build_archive", "
 #: The archive's handler file: TorchServe imports it by name from the model folder.
 ENTRY_POINT = '''"""TorchServe's entry point of this archive: the handler lives in the archived unioncam package."""
 
-from unioncam.serve.handler import UnionCAMHandler, handle  # noqa: F401
+from unioncam.serve.torchserve.handler import UnionCAMHandler, handle  # noqa: F401
 '''
 
 PACKAGE = Path(__file__).resolve().parent.parent

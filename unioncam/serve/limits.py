@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import itertools
 import math
 import os
 import tempfile
@@ -108,6 +109,9 @@ def _pool_folder(key: str) -> Path:
     return Path(tempfile.gettempdir()) / f"unioncam-slots-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
+_LEASES = itertools.count()
+
+
 class WorkerLease:
     """This worker's mark in the model's pool folder, held for the process's life: a file ``worker-…``
     under an exclusive ``flock``. The kernel drops the lock when the process ends, however it ends
@@ -120,7 +124,8 @@ class WorkerLease:
         self.folder = _pool_folder(key)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.prefix = f"worker-{group}-"
-        self.path = self.folder / f"{self.prefix}{os.getpid()}"
+        # The pid and a count: KServe's server holds several replicas' leases in one process.
+        self.path = self.folder / f"{self.prefix}{os.getpid()}-{next(_LEASES)}"
         # Locked under a name no one counts, then renamed: a count never sees it unlocked (and removes it).
         tmp = self.folder / f".new-{os.getpid()}-{time.monotonic_ns()}"
         self._file = open(tmp, "a+")  # noqa: SIM115 — held open (and locked) until the process ends

@@ -89,6 +89,39 @@ class Request:
     kind: str  #: ``"plain"`` (one answer), ``"v1"`` (KServe v1: a list), ``"v2"`` (KServe v2 outputs)
     explain: bool
     items: list[Item] = field(default_factory=list)
+    #: The instance index of each item (KServe requests: an instance that failed is not among the items).
+    positions: list[int] = field(default_factory=list)
+    #: Instances that failed, by instance index: each is answered with its error, the others as usual.
+    errors: dict[int, InvalidInputError] = field(default_factory=dict)
+    #: The v2 request's ``id``, echoed in the answer.
+    id: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.positions:
+            self.positions = list(range(len(self.items)))
+
+    def fail(self, j: int, exc: InvalidInputError) -> None:
+        """Answer item ``j`` with ``exc`` and keep serving the others; raise ``exc`` if it was the last one
+        (a request whose every instance is wrong gets the error as its answer)."""
+        if len(self.items) == 1:
+            raise exc
+        self.errors[self.positions.pop(j)] = exc
+        self.items.pop(j)
+
+
+def _isolated(kind: str, explain: bool, entries: list[Any], make: Any, request_id: str | None = None) -> Request:
+    """A KServe request's instances, each parsed alone by ``make(i, entry)``: a wrong instance is answered
+    with its error and the others are served; when every one is wrong, the first error is raised."""
+    req = Request(kind, explain, id=request_id)
+    for i, entry in enumerate(entries):
+        try:
+            req.items.append(make(i, entry))
+            req.positions.append(i)
+        except InvalidInputError as exc:
+            req.errors[i] = exc
+    if not req.items:
+        raise req.errors[0]
+    return req
 
 
 def _text(value: Any) -> Any:
@@ -206,6 +239,7 @@ def parse(row: dict[str, Any], explain: bool, defaults: Defaults, content_type: 
     """One request of a TorchServe batch → :class:`Request`; raises :class:`InvalidInputError` saying why not.
 
     ``explain``: TorchServe's per-request ``explain`` header (the ``/explanations`` and ``:explain`` routes).
+    A v2 body explains when its ``parameters`` say ``"explain": true`` (KServe has no v2 explain route).
     ``content_type``: the request's ``Content-Type`` header, when known (it only sharpens error messages).
     """
     if not isinstance(row, dict) or not row:
@@ -262,8 +296,8 @@ def _parse_json(body: dict[str, Any], explain: bool, defaults: Defaults) -> Requ
             raise InvalidInputError("instances", f"is not a list of 1 to {MAX_INSTANCES} items",
                                     f"1–{MAX_INSTANCES} instances")
         shared = _known(_parameters(body.get("parameters"), "parameters"), "parameters")
-        items = []
-        for i, x in enumerate(inst):
+
+        def instance(i: int, x: Any) -> Item:
             if isinstance(x, dict) and "b64" not in x:
                 keys = [k for k in ("image", "data") if k in x]
                 if len(keys) != 1:
@@ -273,8 +307,9 @@ def _parse_json(body: dict[str, Any], explain: bool, defaults: Defaults) -> Requ
                 opts = _known({k: v for k, v in x.items() if k != keys[0]}, f"instances[{i}]")
             else:
                 image, opts = x, {}
-            items.append(_item(image, {**shared, **opts}, f"instances[{i}]", defaults))
-        return Request("v1", explain, items)
+            return _item(image, {**shared, **opts}, f"instances[{i}]", defaults)
+
+        return _isolated("v1", explain, inst, instance)
     if "inputs" in body:  # KServe v2 / open inference protocol
         extra = sorted(set(body) - {"inputs", "parameters", "id", "outputs"})
         if extra:
@@ -296,9 +331,16 @@ def _parse_json(body: dict[str, Any], explain: bool, defaults: Defaults) -> Requ
             raise InvalidInputError("inputs[0].shape", f"is {shape!r} for {len(data)} images", f"[{len(data)}]")
         opts = dict(_parameters(body.get("parameters"), "parameters"))
         opts.update(_parameters(tensor.get("parameters"), "inputs[0].parameters"))
+        # Explanations over v2 go through /infer: no KServe server has a v2 explain route.
+        flag = opts.get("explain", False)
+        if not isinstance(flag, bool):
+            raise InvalidInputError("parameters.explain", f"is {flag!r}", "true (explain) or false (predict)")
+        request_id = body.get("id")
+        if request_id is not None and not isinstance(request_id, str):
+            raise InvalidInputError("id", f"is a JSON {type(request_id).__name__}", "a string")
         opts = {k: v for k, v in opts.items() if k in OPTIONS}  # KServe adds its own parameters (content_type …)
-        return Request("v2", explain,
-                       [_item(d, opts, f"inputs[0].data[{i}]", defaults) for i, d in enumerate(data)])
+        return _isolated("v2", explain or flag, data,
+                         lambda i, d: _item(d, opts, f"inputs[0].data[{i}]", defaults), request_id)
     if "image" not in body:
         raise InvalidInputError("image", f"is missing (keys: {sorted(map(str, body))})",
                                 "a JSON object {'image': <base64>, ...}")
@@ -340,7 +382,9 @@ def encode(req: Request, answers: list[Any], model_name: str) -> tuple[Any, str]
     """The response body and content type for ``req``'s answers (dicts, lists, or PNG bytes).
 
     An explanation of several classes is a list of explanation objects: a plain request's body is then
-    ``{"explanations": [...]}``, a KServe instance's answer the list itself.
+    ``{"explanations": [...]}``, a KServe instance's answer the list itself. A KServe instance that failed
+    (:attr:`Request.errors`) is answered in its place with its :func:`error_body`; a v2 answer echoes the
+    request's ``id``.
     """
     if req.kind == "plain":
         ans = answers[0]
@@ -350,14 +394,19 @@ def encode(req: Request, answers: list[Any], model_name: str) -> tuple[Any, str]
             return {"explanations": ans}, "application/json"
         return (ans if req.explain else {"predictions": ans}), "application/json"
     answers = [base64.b64encode(a).decode("ascii") if isinstance(a, bytes) else a for a in answers]
+    if req.errors:  # the failed instances' errors in their places
+        by_position = dict(zip(req.positions, answers))
+        by_position.update({i: error_body(400, exc) for i, exc in req.errors.items()})
+        answers = [by_position[i] for i in sorted(by_position)]
     name = "explanations" if req.explain else "predictions"
     if req.kind == "v1":
         return {name: answers}, "application/json"
-    return {
-        "model_name": model_name,
-        "outputs": [{"name": name, "datatype": "BYTES", "shape": [len(answers)],
-                     "data": [json.dumps(a) for a in answers]}],
-    }, "application/json"
+    body = {"model_name": model_name}
+    if req.id is not None:
+        body["id"] = req.id
+    body["outputs"] = [{"name": name, "datatype": "BYTES", "shape": [len(answers)],
+                        "data": [json.dumps(a) for a in answers]}]
+    return body, "application/json"
 
 
 def error_body(code: int, exc: InvalidInputError) -> dict[str, Any]:

@@ -1,7 +1,10 @@
-"""TorchServe handler: decode → validate → engine → encode, one answer per request of a batch.
+"""The service both backends run: decode → validate → engine → encode, one answer per request of a batch.
 
-The wire format is :mod:`unioncam.serve.protocol`'s and the algorithm the package's; this class only
-adapts TorchServe's calls to them. Every request of a batch is parsed, validated and answered on its own,
+The wire format is :mod:`unioncam.serve.protocol`'s and the algorithm the package's; this class holds what
+a route does, written once. Each backend translates its framework's request objects to a batch of rows
+and a *context* in the shape of TorchServe's (``system_properties``, ``model_yaml_config``,
+``get_request_header``, ``set_response_status`` …): :mod:`unioncam.serve.torchserve.handler` hands it
+TorchServe's own, :mod:`unioncam.serve.kserve.model` builds one per request. Every request of a batch is parsed, validated and answered on its own,
 so one bad upload gets its own 4xx (``context.set_response_status(code, phrase, idx)``) while the others
 of its batch are still served. TorchServe itself is imported only for its metric dimensions, and only when
 the context has metrics, so the handler runs in-process (tests, the GPU check) without it.
@@ -40,7 +43,7 @@ from .protocol import Item, Request
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["UnionCAMHandler", "handle"]
+__all__ = ["DELAY_ENV", "UnionCAMService"]
 
 #: Test hook: seconds every masked-forward explanation holds its slot on top of its work (unset: none).
 DELAY_ENV = "UNIONCAM_SERVE_TEST_DELAY_S"
@@ -64,7 +67,7 @@ def _worker_device(gpu_id: Any) -> tuple[torch.device, str | None]:
     return torch.device(f"cuda:{index}"), None
 
 
-class UnionCAMHandler:
+class UnionCAMService:
     """Serves ``/predictions`` (top-5 classes) and ``/explanations`` (a saliency map per request)."""
 
     def __init__(self) -> None:
@@ -327,9 +330,12 @@ class UnionCAMHandler:
         explaining: dict[int, Request] = {}
         for idx, req in list(parsed.items()):
             if req.explain:
-                try:
-                    for it in req.items:  # before taking a slot: a refused request holds none
-                        self._admit(it)
+                try:  # before taking a slot: a refused request holds none; a refused instance alone fails
+                    for j in reversed(range(len(req.items))):
+                        try:
+                            self._admit(req.items[j])
+                        except InvalidInputError as exc:
+                            req.fail(j, exc)
                 except InvalidInputError as exc:
                     self._fail(context, idx, out, 400, exc)
                     parsed.pop(idx)
@@ -412,15 +418,3 @@ def _header(context: Any, idx: int, name: str) -> str | None:
         if value is not None:
             return str(value)
     return None
-
-
-_service = UnionCAMHandler()
-
-
-def handle(data: list[dict[str, Any]], context: Any) -> list[Any] | None:
-    """TorchServe's module-level entry point."""
-    if not _service.initialized:
-        _service.initialize(context)
-    if data is None:
-        return None
-    return _service.handle(data, context)

@@ -14,6 +14,7 @@ page cannot post to it, a form included).
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import threading
@@ -25,7 +26,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar
 
-__all__ = ["MAX_BODY", "STATIC", "Viewer", "archive_info"]
+__all__ = ["MAX_BODY", "STATIC", "Viewer", "archive_info", "layout_info"]
 
 #: Largest request body forwarded: TorchServe's ``max_request_size`` in the shipped config.
 MAX_BODY = 16 * 1024 * 1024
@@ -46,12 +47,19 @@ def archive_info(mar: str | Path, name: str) -> dict[str, Any]:
     """What the page shows of the served model: its name and the archive's defaults (``model-config.yaml``)."""
     import yaml
 
-    from ..methods import METHODS
-    from ..methods import get as get_method
     from .archive import archived_yaml
 
     text = archived_yaml(Path(mar))
-    handler = (yaml.safe_load(text) or {}).get("handler", {}) if text else {}
+    return layout_info((yaml.safe_load(text) or {}) if text else {}, name)
+
+
+def layout_info(config: dict[str, Any], name: str) -> dict[str, Any]:
+    """What the page shows of a model whose ``model-config.yaml`` (an archive's, or KServe's model folder's)
+    reads as ``config``."""
+    from ..methods import METHODS
+    from ..methods import get as get_method
+
+    handler = config.get("handler", {}) or {}
     if handler.get("weights") == "random":
         weights = f"random (seed {handler.get('seed', 0)})"
     else:
@@ -76,10 +84,12 @@ class Viewer:
     ``GET /api/info`` answers (:func:`archive_info`); ``port`` 0 picks a free one.
     """
 
-    def __init__(self, upstream: str, key_file: str | Path, info: dict[str, Any], port: int = 0,
-                 timeout: float = 1800.0) -> None:
+    def __init__(self, upstream: str, key_file: str | Path | None, info: dict[str, Any], port: int = 0,
+                 timeout: float = 1800.0, backend: str = "torchserve") -> None:
         self.upstream = upstream.rstrip("/")
-        self.key_file = Path(key_file)
+        self.key_file = Path(key_file) if key_file is not None else None
+        #: ``kserve``: the page's forms go to KServe's v1 routes as JSON, and the answers come back unwrapped.
+        self.backend = backend
         self.info = info
         self.timeout = timeout  # above any response timeout TorchServe may hold an explanation for
         self.httpd = ThreadingHTTPServer(("127.0.0.1", port), _Handler)
@@ -120,8 +130,10 @@ class Viewer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def key(self) -> str:
-        """The inference key now in ``key_file.json`` (renewals included)."""
+    def key(self) -> str | None:
+        """The inference key now in ``key_file.json`` (renewals included); ``None`` for a server without keys."""
+        if self.key_file is None:
+            return None
         return json.loads(self.key_file.read_text())["inference"]["key"]
 
     def forward(self, path: str, body: bytes, content_type: str | None) -> tuple[int, dict[str, str], bytes]:
@@ -131,20 +143,69 @@ class Viewer:
         except (OSError, ValueError, KeyError, TypeError):
             return _sentence(HTTPStatus.SERVICE_UNAVAILABLE,
                              f"The viewer cannot read the server's key from {self.key_file}: is TorchServe running?")
-        headers = {"Authorization": f"Bearer {key}"}
+        headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
         if content_type:
             headers["Content-Type"] = content_type
+        if self.backend == "kserve":
+            try:
+                path, body = _kserve_request(path, body, content_type)
+            except ValueError as e:
+                return _sentence(HTTPStatus.BAD_REQUEST, f"The upload could not be read as a form: {e}")
+            headers["Content-Type"] = "application/json"
         req = urllib.request.Request(self.upstream + path, data=body, headers=headers, method="POST")
         try:
             with self._opener.open(req, timeout=self.timeout) as r:
-                return r.status, _passed(r.headers), r.read()
+                status, passed, answer = r.status, _passed(r.headers), r.read()
         except urllib.error.HTTPError as e:  # a 4xx/5xx answer: pass it on as it is
             with e:
                 return e.code, _passed(e.headers), e.read()
         except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out, or no HTTP at all
             reason = getattr(e, "reason", e)
             return _sentence(HTTPStatus.BAD_GATEWAY,
-                             f"TorchServe at {self.upstream} did not answer ({reason}). Is the server still running?")
+                             f"The server at {self.upstream} did not answer ({reason}). Is it still running?")
+        if self.backend == "kserve":
+            return _kserve_answer(status, passed, answer)
+        return status, passed, answer
+
+
+def _kserve_request(path: str, body: bytes, content_type: str | None) -> tuple[str, bytes]:
+    """The page's multipart form (``image`` and options) as a KServe v1 body for ``path``'s verb."""
+    from email.parser import BytesParser
+    from email.policy import HTTP
+
+    if not content_type or not content_type.lower().startswith("multipart/form-data"):
+        raise ValueError(f"the content type is {content_type!r}, not multipart/form-data")
+    message = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n"
+                                                  + body)
+    instance: dict[str, Any] = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        data = part.get_payload(decode=True) or b""
+        if name in ("image", "file", "data"):
+            instance["image"] = {"b64": base64.b64encode(data).decode("ascii")}
+        elif name:
+            instance[name] = data.decode("utf-8", "replace")
+    verb = "explain" if path.startswith("/explanations/") else "predict"
+    model = path.split("/", 2)[2]
+    return f"/v1/models/{model}:{verb}", json.dumps({"instances": [instance]}).encode()
+
+
+def _kserve_answer(status: int, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str], bytes]:
+    """A v1 answer of one instance unwrapped to what TorchServe's plain routes answer (the page reads those)."""
+    try:
+        doc = json.loads(body)
+        (name, [answer]), = doc.items()
+    except (ValueError, TypeError):
+        return status, headers, body
+    if isinstance(answer, dict) and "code" in answer and "error" in answer:
+        return int(answer["code"]), {"Content-Type": "application/json"}, json.dumps(answer).encode()
+    if isinstance(answer, str):  # format png: base64 in JSON
+        return status, {**headers, "Content-Type": "image/png"}, base64.b64decode(answer)
+    if name == "explanations" and isinstance(answer, list):
+        answer = {"explanations": answer}
+    elif name == "predictions":
+        answer = {"predictions": answer}
+    return status, {**headers, "Content-Type": "application/json"}, json.dumps(answer).encode()
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
