@@ -130,6 +130,10 @@ class Viewer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    @property
+    def server_name(self) -> str:
+        return "KServe's model server" if self.backend == "kserve" else "TorchServe"
+
     def key(self) -> str | None:
         """The inference key now in ``key_file.json`` (renewals included); ``None`` for a server without keys."""
         if self.key_file is None:
@@ -142,7 +146,8 @@ class Viewer:
             key = self.key()
         except (OSError, ValueError, KeyError, TypeError):
             return _sentence(HTTPStatus.SERVICE_UNAVAILABLE,
-                             f"The viewer cannot read the server's key from {self.key_file}: is TorchServe running?")
+                             f"The viewer cannot read the server's key from {self.key_file}: is {self.server_name} "
+                             "running?")
         headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
         if content_type:
             headers["Content-Type"] = content_type
@@ -162,7 +167,8 @@ class Viewer:
         except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out, or no HTTP at all
             reason = getattr(e, "reason", e)
             return _sentence(HTTPStatus.BAD_GATEWAY,
-                             f"The server at {self.upstream} did not answer ({reason}). Is it still running?")
+                             f"{self.server_name} at {self.upstream} did not answer ({reason}). Is the server still "
+                             "running?")
         if self.backend == "kserve":
             return _kserve_answer(status, passed, answer)
         return status, passed, answer
