@@ -41,8 +41,9 @@ def user(tmp_path_factory):
     venv = base / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     py = venv / "bin" / "python"
+    # Without PYTHONPATH: a checkout on it (with the egg-info the wheel build leaves) reads as installed.
     _run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "--quiet", str(wheel)],
-         cwd=base, env=dict(os.environ))
+         cwd=base, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     site = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                capture_output=True, text=True, check=True).stdout.strip())
     # Dependencies from this environment's site-packages, after the venv's own (the wheel wins).

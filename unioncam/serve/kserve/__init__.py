@@ -2,6 +2,6 @@
 
 :mod:`.model` (a ``kserve.Model`` over :mod:`unioncam.serve.service`), :mod:`.server` (``unioncam serve
 --backend kserve``: loopback bind, key file, graceful stop), :mod:`.layout` (the model folder KServe mounts
-at ``/mnt/models``, written by ``unioncam archive --kserve``) and ``install-and-start.sh`` (what the image
-of ``deploy/kserve/Dockerfile`` runs). Nothing here imports the TorchServe backend.
+at ``/mnt/models``, written by ``unioncam archive --kserve``). The image (``deploy/kserve/Dockerfile``)
+installs and starts it with ``deploy/kserve/install-and-start.sh``. Nothing here imports the TorchServe backend.
 """
