@@ -30,24 +30,38 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 300) -
     return proc.stdout
 
 
-@pytest.fixture(scope="module")
-def user(tmp_path_factory):
-    """A venv holding only the wheel, and an environment that knows nothing of the checkout."""
-    base = tmp_path_factory.mktemp("wheel")
+def build_wheel(base: Path) -> Path:
+    """The project's wheel, built from this checkout into ``base/dist``."""
     dist = base / "dist"
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w", str(dist),
           str(ROOT)], cwd=base, env=dict(os.environ))
     (wheel,) = dist.glob("unioncam-*.whl")
-    venv = base / "venv"
+    return wheel
+
+
+def bare_venv(venv: Path) -> Path:
+    """A venv without pip that borrows this environment's packages (torch, TorchServe, KServe …) through a
+    ``.pth`` line placed after its own site-packages, as the machine is offline; its Python's path."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     py = venv / "bin" / "python"
+    site = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return py
+
+
+@pytest.fixture(scope="module")
+def user(tmp_path_factory):
+    """A venv holding only the wheel, and an environment that knows nothing of the checkout."""
+    base = tmp_path_factory.mktemp("wheel")
+    wheel = build_wheel(base)
+    venv = base / "venv"
+    py = bare_venv(venv)
     # Without PYTHONPATH: a checkout on it (with the egg-info the wheel build leaves) reads as installed.
     _run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "--quiet", str(wheel)],
          cwd=base, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     site = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                capture_output=True, text=True, check=True).stdout.strip())
-    # Dependencies from this environment's site-packages, after the venv's own (the wheel wins).
-    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     # The venv's scripts first; TorchServe's launcher from this environment.
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
