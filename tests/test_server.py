@@ -174,7 +174,13 @@ def test_explanation_forms_and_options(server, model):
     v2 = _post(server, f"/v2/models/{NAME}/explain",
                json={"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64]}],
                      "parameters": {"method": "gradcam", "target": 7}}).json()
-    for body in (form, js, v1["explanations"][0], json.loads(v2["outputs"][0]["data"][0])):
+    # KServe's servers have no v2 explain route: a v2 client explains through /infer, on either backend.
+    v2i = _post(server, f"/v2/models/{NAME}/infer",
+                json={"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64]}],
+                      "parameters": {"explain": True, "method": "gradcam", "target": 7}}).json()
+    assert v2i["outputs"][0]["name"] == "explanations"
+    for body in (form, js, v1["explanations"][0], json.loads(v2["outputs"][0]["data"][0]),
+                 json.loads(v2i["outputs"][0]["data"][0])):
         _assert_same(body, ref)
     # θ reaches the engine: a different θ gives UnionCAM's denoise step a different threshold.
     t50 = _post(server, f"/explanations/{NAME}", json={"image": b64, "theta": 50}).json()
@@ -400,8 +406,9 @@ def test_a_killed_worker_is_replaced(server, good_gradcam):
 def test_archive_is_self_contained_and_tiny(server):
     mar = server.model_store / f"{NAME}.mar"
     names = zipfile.ZipFile(mar).namelist()
-    assert {"unioncam_handler.py", "unioncam/api.py", "unioncam/serve/handler.py", "unioncam/kernels/__init__.py",
-            "unioncam/serve/config.properties", "index_to_name.json",
+    assert {"unioncam_handler.py", "unioncam/api.py", "unioncam/serve/torchserve/handler.py",
+            "unioncam/serve/service.py", "unioncam/kernels/__init__.py",
+            "unioncam/serve/torchserve/config.properties", "index_to_name.json",
             "model-config.yaml", "MAR-INF/MANIFEST.json"} <= set(names)
     assert not any(n.endswith((".pth", ".pt")) for n in names)  # random weights: the seed only
     assert mar.stat().st_size < 1_000_000

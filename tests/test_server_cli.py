@@ -22,7 +22,7 @@ def _props(text: str) -> dict[str, str]:
 
 
 def test_shipped_config_is_loopback_only_with_token_auth():
-    text = (ROOT / "unioncam" / "serve" / "config.properties").read_text()
+    text = (ROOT / "unioncam" / "serve" / "torchserve" / "config.properties").read_text()
     props = _props(text)
     for key in ("inference_address", "management_address", "metrics_address"):
         assert props[key].startswith("http://127.0.0.1:"), key

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,38 @@ def test_slots_are_shared_across_processes(tmp_path):
         holder.wait()
     with Slots(key, 1).acquire() as ok:
         assert ok is True  # released when its holder died
+
+
+def test_v2_explains_through_infer_with_parameters_explain(handler):
+    b64 = base64.b64encode(random_png()).decode()
+    tensor = {"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64]}
+    ctx = FakeContext(Path("."), [{}, {}, {"explain": "True"}, {}])
+    out = handler.handle([
+        {"body": {"id": "e", "inputs": [tensor], "parameters": {"explain": True, "method": "gradcam"}}},
+        {"body": {"inputs": [tensor], "parameters": {"method": "gradcam"}}},
+        {"body": {"inputs": [tensor], "parameters": {"method": "gradcam"}}},
+        {"body": {"inputs": [tensor], "parameters": {"explain": "yes"}}},
+    ], ctx)
+    assert ctx.status == {3: 400} and out[3]["error"]["field"] == "parameters.explain"
+    assert out[0]["id"] == "e" and out[0]["outputs"][0]["name"] == "explanations"
+    assert out[1]["outputs"][0]["name"] == "predictions"  # no flag: a prediction
+    assert out[2]["outputs"][0]["name"] == "explanations"  # TorchServe's own explain route still explains
+    maps = [json.loads(out[i]["outputs"][0]["data"][0])["map"] for i in (0, 2)]
+    assert maps[0] == maps[1]
+
+
+def test_one_bad_instance_is_answered_with_its_error_and_the_others_served(handler):
+    good = base64.b64encode(random_png()).decode()
+    body = {"instances": [{"image": {"b64": good}, "method": "gradcam"}, {"image": {"b64": good}, "target": "cat"},
+                          {"image": "not base64 !!"}]}
+    ctx = FakeContext(Path("."), [{"explain": "True"}, {"explain": "True"}])
+    out = handler.handle([{"body": body}, {"body": {"instances": [body["instances"][0]]}}], ctx)
+    assert ctx.status == {}
+    first, bad_target, bad_image = out[0]["explanations"]
+    assert first["map"] == out[1]["explanations"][0]["map"]
+    assert bad_target["code"] == 400 and bad_target["error"]["field"] == "target"
+    assert bad_image["code"] == 400 and bad_image["error"]["field"] == "instances[2]"
+    # Every instance wrong: the request's answer is the (first) error.
+    ctx = FakeContext(Path("."), [{"explain": "True"}])
+    out = handler.handle([{"body": {"instances": body["instances"][1:]}}], ctx)
+    assert ctx.status == {0: 400} and out[0]["error"]["field"] == "target"
