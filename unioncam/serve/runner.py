@@ -42,10 +42,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.backend == "kserve":
         from .kserve.server import serve
     else:
-        refused = [flag for flag, on in (("--host", args.host is not None), ("--no-auth", args.no_auth)) if on]
+        refused = [flag for flag, on in (("--host", args.host is not None), ("--no-auth", args.no_auth),
+                                         ("--model-dir", args.model_dir is not None)) if on]
         if refused:
-            raise ValueError(f"{' and '.join(refused)}: the TorchServe backend takes its addresses and token "
-                             "settings from --config (config.properties); accepted: these with --backend kserve")
+            raise ValueError(f"{', '.join(refused)}: the TorchServe backend takes its addresses and token settings "
+                             "from --config (config.properties) and its model from the archive; accepted: "
+                             "these with --backend kserve")
         from .torchserve.server import serve
     return serve(args)
 
