@@ -106,6 +106,7 @@ def main() -> None:
     ks_cmd = [sys.executable, "-m", "unioncam", "serve", "--backend", "kserve", *common, "--port", str(ks_port),
               "--runs", str(work / "runs"), "--run-name", "kserve"]
     servers = {}
+    load_before = os.getloadavg()
     try:
         servers["torchserve"] = _start(ts_cmd, work, env, work / "torchserve.log")
         servers["kserve"] = _start(ks_cmd, work, env, work / "kserve.log")
@@ -144,6 +145,8 @@ def main() -> None:
                      "warmup": args.warmup, "requests": args.requests, "order": "interleaved, one at a time"},
         "results": {name: _summary(ms) for name, ms in timings.items()},
         "timings_ms": timings,
+        "load_average_1_5_15min": {"before": [round(x, 2) for x in load_before],
+                                   "after": [round(x, 2) for x in os.getloadavg()]},
         "note": args.note,
     }
     out = Path(args.out)
