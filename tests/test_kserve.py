@@ -383,3 +383,12 @@ def test_sigterm_stops_it_gracefully_and_frees_the_port(server):
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))
         s.listen()
+
+
+def test_kserve_only_options_are_refused_with_torchserve():
+    from unioncam.cli import build_parser
+
+    for extra in (["--host", "0.0.0.0"], ["--no-auth"], ["--model-dir", "x"]):
+        args = build_parser().parse_args(["serve", *extra])
+        with pytest.raises(ValueError, match=extra[0]):
+            args.func(args)
