@@ -276,7 +276,7 @@ def _inject(args, name: str, where: str) -> None:
 
 #: Seconds each variant's process may take (GPU; the dry run allows DRY_LIMIT_S each): start-up, model,
 #: prepare (a cold Inductor compile for the compiled ones), warm-up and the timed images.
-LIMIT_S = {"today": 45, "graphs": 50, "all": 100, "compile": 100, "fixed": 40, "pool-first": 40, "all-bs128": 100}
+LIMIT_S = {"today": 40, "graphs": 45, "all": 80, "compile": 80, "fixed": 35, "pool-first": 35, "all-bs128": 80}
 DRY_LIMIT_S = 90
 #: A variant is not started with less than this many seconds of the budget left.
 MIN_VARIANT_S = 15

@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "gpu-out"),
                     help="folder for every file (default: $OUT, else gpu-out/)")
     ap.add_argument("--budget", type=float, default=None,
-                    help="seconds after which no step starts (default 480; dry run 240)")
+                    help="seconds after which no step starts (default 480; dry run 360)")
     ap.add_argument("--dry-run", action="store_true", help="the same steps on CPU, small")
     ap.add_argument("--model", default=None, help="vgg16 / shapes (default: vgg16; dry run: shapes)")
     ap.add_argument("--wheels", default=str(ROOT / ".whl"), help="folder of wheels to install (default .whl/)")
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                     "results.tar.gz (4 files in all, for a transfer that takes few files)")
     ap.add_argument("--only", default=None, help="comma list of steps to run (default: all)")
     a = ap.parse_args(argv)
-    budget = a.budget if a.budget is not None else (240.0 if a.dry_run else 480.0)
+    budget = a.budget if a.budget is not None else (360.0 if a.dry_run else 480.0)
     start = time.monotonic()
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

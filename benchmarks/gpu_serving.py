@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
@@ -177,17 +176,13 @@ def part_handler_tests(a, gpu_id, timeout: float) -> dict:
     if timeout < MIN_TESTS_S:
         return {**rec, "ok": False, "error": f"skipped: {timeout:.0f} s left of the step's budget"}
     t0 = time.monotonic()
-    # Its own session, ended whole on timeout (subprocess.run would kill pytest but not what it started).
-    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         start_new_session=True)
+    # In this step's process group: gpu_check.py ending the step ends it too.
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         text, _ = p.communicate(timeout=timeout)
         rc = p.returncode
     except subprocess.TimeoutExpired:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        p.kill()
         text, _ = p.communicate()
         rc = None
     lines = (text or "").strip().splitlines()

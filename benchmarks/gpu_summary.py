@@ -8,6 +8,7 @@ Nothing here measures: a figure missing from the files is written as "not measur
 from __future__ import annotations
 
 import json
+import re
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -58,6 +59,27 @@ def kernel_tests(path: Path) -> dict:
                                      f"{(bad.get('message') or '').splitlines()[0][:200] if bad.get('message') else ''}")
     out["passed"] = out["tests"] - out["failures"] - out["errors"] - out["skipped"]
     return out
+
+
+_VERBOSE = re.compile(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
+
+
+def kernel_tests_from_log(path: Path) -> dict:
+    """Outcomes so far from pytest's ``-v`` lines in the step's log: what a cut-off run (no JUnit XML, which
+    pytest writes at the end) still tells."""
+    outcomes: dict[str, int] = {}
+    failed: list[str] = []
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        m = _VERBOSE.match(line.strip())
+        if m:
+            outcomes[m.group(2)] = outcomes.get(m.group(2), 0) + 1
+            if m.group(2) in ("FAILED", "ERROR"):
+                failed.append(f"{m.group(2)} {m.group(1)}")
+    return {"outcomes": outcomes, "failed": failed}
 
 
 def _latency_table(res: dict, per: str) -> list[str]:
@@ -273,7 +295,7 @@ def write_summary(out: Path) -> str:
         L.append(f"not measured ({_status(steps, 'batch-sweep')})")
 
     # The fast path's A/B.
-    L += ["", "## Fast path A/B (same images, one process)", ""]
+    L += ["", "## Fast path A/B (same images, a process per variant)", ""]
     ab = _read(out / "ab.json")
     if ab.get("rows"):
         st = ab.get("settings", {})
@@ -347,6 +369,13 @@ def write_summary(out: Path) -> str:
             L.append(f"- FAILED {f}")
     else:
         L.append(f"not run to the end ({_status(steps, 'kernel-tests')}; see `kernel-tests.log`)")
+        so_far = kernel_tests_from_log(out / "kernel-tests.log")
+        if so_far["outcomes"]:
+            L.append("")
+            L.append("Before the cut (pytest's `-v` lines): " + ", ".join(
+                f"{n} {k.lower()}" for k, n in sorted(so_far["outcomes"].items())))
+            for f in so_far["failed"][:20]:
+                L.append(f"- {f}")
 
     # The serving step (its own script renders its table).
     if "serving" in steps or (out / "serving.json").is_file():

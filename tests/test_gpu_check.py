@@ -170,3 +170,17 @@ def test_a_variant_that_crashes_or_hangs_loses_its_row_only(tmp_path):
     # The row after them is measured in a clean process, against today's maps.
     assert rows["fixed"]["median_s"] > 0 and rows["fixed"]["selected_agree"] == "1/1"
     assert rows["fixed"]["max_abs_map_diff"] == 0
+
+
+def test_a_cut_off_kernel_test_run_still_reports_what_ran(tmp_path):
+    # pytest writes its JUnit XML at the end only: the summary reads the -v lines of the step's log.
+    (tmp_path / "kernel-tests.log").write_text(
+        "$ python -m pytest -v\n"
+        "tests/test_kernels.py::test_denoise[cuda-0] PASSED                   [  1%]\n"
+        "tests/test_kernels.py::test_denoise[cuda-1] FAILED                   [  2%]\n"
+        "tests/test_kernels.py::test_range[cuda] SKIPPED (no sm_90 build)     [  3%]\n")
+    (tmp_path / "steps.json").write_text(json.dumps({"steps": [
+        {"step": "kernel-tests", "status": "timeout after 90 s", "seconds": 90}]}))
+    summary = _bench("gpu_summary").write_summary(tmp_path)
+    assert "not run to the end (timeout after 90 s" in summary
+    assert "1 failed, 1 passed, 1 skipped" in summary and "- FAILED tests/test_kernels.py::test_denoise[cuda-1]" in summary
