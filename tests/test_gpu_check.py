@@ -155,21 +155,20 @@ def test_a_variant_that_crashes_or_hangs_loses_its_row_only(tmp_path):
     out = tmp_path / "ab.json"
     env = {k: v for k, v in os.environ.items() if k not in ("UNIONCAM_STEP_LIMIT_S", "UNIONCAM_TRITON")}
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_ab.py"), "--dry-run", "--threads", "2",
-                           "--variants", "today,graphs,all,fixed", "--images", "1", "--warmup", "0",
-                           "--inject-failure", "graphs:abort,all:hang", "--variant-limit", "45", "--out", str(out)],
+                           "--variants", "graphs,all,fixed", "--images", "1", "--warmup", "0",
+                           "--inject-failure", "graphs:abort,all:hang", "--variant-limit", "35", "--out", str(out)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
     rows = {r["variant"]: r for r in res["rows"]}
-    assert res["complete"] is True and list(rows) == ["today", "graphs", "all", "fixed"]
-    assert rows["today"]["median_s"] > 0
+    assert res["complete"] is True and list(rows) == ["graphs", "all", "fixed"]
     # An abort (as a CUDA assert would) and a hang each cost their own row, with what they measured first.
     assert rows["graphs"]["error"].startswith("crashed (signal 6)") and "prepare_s" in rows["graphs"]
-    assert rows["all"]["error"].startswith("timeout after 45 s") and "prepare_s" in rows["all"]
+    assert rows["all"]["error"].startswith("timeout after 35 s") and "prepare_s" in rows["all"]
     assert "median_s" not in rows["graphs"] and "median_s" not in rows["all"]
-    # The row after them is measured in a clean process, against today's maps.
-    assert rows["fixed"]["median_s"] > 0 and rows["fixed"]["selected_agree"] == "1/1"
-    assert rows["fixed"]["max_abs_map_diff"] == 0
+    # The row after them is measured, in a clean process (the dry run compares every row with today's maps).
+    assert rows["fixed"]["median_s"] > 0 and "error" not in rows["fixed"]
+    assert "injected failure: abort" in rows["graphs"]["error"] and rows["graphs"]["log_tail"]
 
 
 def test_a_cut_off_kernel_test_run_still_reports_what_ran(tmp_path):
