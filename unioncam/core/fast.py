@@ -18,9 +18,10 @@ forwards cheaper without changing what they compute:
   per model, shape and dtype and cached with the model; a compile that fails warns once and the forward
   runs eagerly from then on.
 - ``cuda_graphs`` (``UNIONCAM_CUDA_GRAPHS``): CUDA only. The fixed-shape chunk forward is captured once
-  (after two warm-up runs on a side stream, so cuDNN's autotuning is done) and replayed per chunk; the
-  mask kernel writes each chunk straight into the graph's static input. A capture that fails warns once
-  and the forward runs without graphs from then on.
+  per precision and shape (after two warm-up runs on a side stream, so cuDNN's autotuning is done) and
+  replayed per chunk; the mask kernel writes each chunk straight into the graph's static input. A capture
+  that fails, or whose graph replays nothing, releases its pool, restores the stream, warns once, and the
+  forward runs without graphs from then on.
 
 Each switch is ``0``/``1`` in the environment (read when a :class:`~unioncam.core.Scorer` is made) or
 given to the scorer (``fast=``); given beats the environment, which beats :func:`defaults`. Compile and
