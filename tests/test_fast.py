@@ -564,3 +564,17 @@ def test_prepare_warms_the_chunk_shape_of_an_explanation():
                                                                                 "fixed_chunks": True})
     assert info["batch_size"] == 4 and info["precision"] == "fp32" and info["fast"]["pool_first"]
     assert info["seconds"] >= 0 and info["compile_s"] == {} and info["capture_s"] == {}
+
+
+def test_a_forward_that_fails_during_capture_is_the_error_reported(monkeypatch):
+    cuda = _FakeCuda(end_fails=True)  # the capture's end fails too, as it does after a CUDA error
+
+    def fn(x):
+        if cuda.capturing is not None:
+            raise RuntimeError("CUBLAS_STATUS_NOT_SUPPORTED in the forward")
+        return x.sum()
+
+    monkeypatch.setattr(fastmod, "_cuda", cuda)
+    with pytest.raises(RuntimeError, match="CUBLAS_STATUS_NOT_SUPPORTED"):
+        fastmod._Graph(fn, torch.zeros(2, 3))
+    assert cuda.underway == [] and cuda.released == [(0, 1)] and cuda.current is cuda.default

@@ -309,8 +309,13 @@ class _Graph:
                     graph.capture_begin(pool=pool)
                     try:
                         out = fn(static_in)
-                    finally:
-                        graph.capture_end()
+                    except BaseException:
+                        try:  # end the capture; the forward's own error is the one to report
+                            graph.capture_end()
+                        except Exception:  # noqa: BLE001
+                            pass
+                        raise
+                    graph.capture_end()
             except BaseException:
                 _abandon(cuda, graph, dev, pool, side, prev)
                 raise
