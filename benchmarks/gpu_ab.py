@@ -294,6 +294,9 @@ def child(a, device, model_name: str, size: int, n_images: int) -> int:
     written once after ``prepare`` and again at the end."""
     name = a.variant
     out = Path(a.row_out)
+    # The compile caches this process was given, and whether they were empty at its start (cold).
+    caches = {var: os.environ.get(var) for var in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    cold = all(d and (not Path(d).exists() or not any(Path(d).iterdir())) for d in caches.values())
     switches, bs = VARIANTS[name]
     bs = bs or a.batch_size or default_batch_size(device, (size, size))
     a.precision = unioncam.core.resolve_precision(a.precision, device)
@@ -304,8 +307,7 @@ def child(a, device, model_name: str, size: int, n_images: int) -> int:
         targets = [int(model(x[None]).argmax()) for x in images]
     weights = weight_bytes(model)
     meta = {"device": _device_name(device), "device_type": device.type, "versions": _versions(),
-            "precision": a.precision, "model_bytes": weights,
-            "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR"), "triton_cache": os.environ.get("TRITON_CACHE_DIR")}
+            "precision": a.precision, "model_bytes": weights}
     today_maps: dict = {}
     if name != "today" and a.today and Path(a.today).is_file():
         today_maps = torch.load(a.today, weights_only=False)
@@ -313,8 +315,14 @@ def child(a, device, model_name: str, size: int, n_images: int) -> int:
     def save(row: dict) -> None:
         write_json(out, {"meta": meta, "row": row}, quiet=True)
 
-    save({"variant": name, "switches": switches, "batch_size": bs})
-    row = run_variant(name, switches, bs, model, images, targets, a, device, weights, today_maps, progress=save)
+    first = {"variant": name, "switches": switches, "batch_size": bs, "caches": caches, "caches_cold": cold}
+    save(first)
+
+    def progress(row: dict) -> None:
+        save({**row, "caches": caches, "caches_cold": cold})
+
+    row = run_variant(name, switches, bs, model, images, targets, a, device, weights, today_maps, progress=progress)
+    row.update(caches=caches, caches_cold=cold)
     save(row)
     if name == "today" and a.today:
         torch.save(today_maps, a.today)

@@ -78,6 +78,9 @@ def test_dry_run_writes_every_file(tmp_path):
     for name, r in ab_rows.items():  # every variant measured, in a process of its own; the exact ones give today's maps
         assert "error" not in r and r["median_s"] > 0, (name, r.get("error"), r.get("log_tail"))
         assert r["process_s"] > 0 and r["graph_pool_gb"] == 0 and r["compile_s"] >= 0 and r["capture_s"] >= 0
+        assert r["caches_cold"] is True, r["caches"]  # every compile a cold start, as a new server's
+    for var in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        assert len({r["caches"][var] for r in ab_rows.values()}) == len(ab_rows)  # a cache of its own each
         if name != "today":
             assert r["selected_agree"] == f"{r['images']}/{r['images']}", r
     assert ab_rows["fixed"]["max_abs_map_diff"] == 0 and ab_rows["pool-first"]["max_abs_map_diff"] == 0
