@@ -522,6 +522,8 @@ def _variants(a, names: list[str], rows: list[dict], meta: dict, out: Path, resu
             argv = [sys.executable, str(Path(__file__).resolve()), *forward, "--variant", name,
                     "--row-out", str(scratch / f"{name}.json"), "--today", str(today)]
             row, got = run_child(name, argv, limit, scratch)
+            row.setdefault("switches", switches)  # a process that died before writing anything
+            row.setdefault("batch_size", bs or a.batch_size)
             if got and not meta:
                 meta.update(got)
             rows[-1] = row
