@@ -15,10 +15,12 @@ passed since the start (and none is given more than what is left of it):
 2. ``latency``: VGG16 (random weights), 224², per image: ours UnionCAM at fp32 (strict) / tf32 / bf16 /
    fp16, our Score-CAM likewise, the literal reference (2 images), pytorch-grad-cam's and torchcam's
    ScoreCAM at strict fp32 and at tf32. Median, p10–p90, memory (weights apart from the working set).
-3. ``ab``: the fast path's A/B (``benchmarks/gpu_ab.py``): today's path against fixed chunks, pool-first,
-   CUDA graphs, ``torch.compile``, all of them, and all at 128 inputs per forward, same images, one process.
+3. ``ab``: the fast path's A/B (``benchmarks/gpu_ab.py``): today's path against CUDA graphs, all switches,
+   ``torch.compile``, fixed chunks, pool-first and all at 128 inputs per forward (in that order), same
+   images, each variant in a process of its own with cold compile caches, its row written as it ends.
 4. ``serving``: the TorchServe handler in-process on the GPU (``benchmarks/gpu_serving.py``): its traps,
-   its handler tests, 32 UnionCAM + 32 prediction requests in TorchServe's batches against ``unioncam.explain``.
+   32 UnionCAM + 32 prediction requests in TorchServe's batches against ``unioncam.explain``, then its
+   handler tests in a subprocess limited to what is left of the step.
 5. ``kernel-tests``: ``tests/test_kernels*.py`` on the compiled kernels (pytest's output and JUnit XML).
 6. ``throughput``: ours, 8 images per call, every call the same shape.
 7. ``precision``: bf16 and fp16 maps (UnionCAM, Score-CAM) against strict fp32 ones (VGG16).
@@ -60,6 +62,11 @@ BENCH = ROOT / "benchmarks"
 RESERVE_S = 5
 #: A step is not started with less than this many seconds left.
 MIN_STEP_S = 20
+#: Seconds of the A/B step's variants (``gpu_ab.py --budget``); the step's limit is 10 s more (the table).
+AB_BUDGET_S = 180
+#: The environment variable that tells a step its limit (seconds from its start), cut to what was left of
+#: the pass's budget: a step that divides its time among parts (serving, ab) fits them inside it.
+STEP_LIMIT_ENV = "UNIONCAM_STEP_LIMIT_S"
 
 
 @dataclass
@@ -86,7 +93,7 @@ def _steps(a: argparse.Namespace, out: Path) -> list[Step]:
         prof = model + ["--warmup", "1"]
         tests = [str(ROOT / "tests" / "test_kernels_dispatch.py")]
         test_env: dict[str, str] = {}
-        ab = ["--dry-run", "--threads", "2"]
+        ab = ["--dry-run", "--threads", "2", "--budget", str(AB_BUDGET_S)]
         sweep_prec = "bf16,fp32"
     else:
         model = ["--model", a.model or "vgg16", "--size", "224"]
@@ -102,33 +109,39 @@ def _steps(a: argparse.Namespace, out: Path) -> list[Step]:
         prof = model + ["--warmup", "3"]
         tests = sorted(glob.glob(str(ROOT / "tests" / "test_kernels*.py")))
         test_env = {"UNIONCAM_TEST_DEVICE": "cuda"}
-        ab = ["--model", a.model or "vgg16", "--size", "224", "--images", "6", "--budget", "100"]
+        ab = ["--model", a.model or "vgg16", "--size", "224", "--images", "6", "--budget", str(AB_BUDGET_S)]
         sweep_prec = "bf16"  # the default precision on CUDA: its chunk is the one to choose
     bl, bp = str(BENCH / "bench_latency.py"), str(BENCH / "bench_precision.py")
     # Ordered by what the figures are worth against what they risk: the batch-size sweep (many new shapes,
     # each autotuned) goes last and runs its entries one after the other, so a cut-off sweep keeps some.
+    # Limits (H100 pass of 2026-11-27 in brackets): preflight 45 (26 s), latency 120 (106 s with 10 images, 6
+    # now), ab 190 (a process per variant, cold compiles), serving 90, kernel-tests 90 (48 s on the H200),
+    # throughput 60 (65 s with 4 precisions and 16 images, 2 and 8 now), precision 60, profile 40 (17 s),
+    # batch-sweep 60. The budget (480 s) ends the pass before the last ones in most runs: they were measured once.
     return [
-        Step("preflight", 60, [py, str(BENCH / "gpu_preflight.py"), "--out", f"{o}/preflight.json"]
+        Step("preflight", 45, [py, str(BENCH / "gpu_preflight.py"), "--out", f"{o}/preflight.json"]
              + (["--device", "cpu"] if a.dry_run else []), ["preflight.json"], kernels_switch=False),
-        Step("latency", 150, [py, bl, *lat, "--methods", "unioncam,scorecam,reference,pytorch-grad-cam,torchcam",
+        Step("latency", 120, [py, bl, *lat, "--methods", "unioncam,scorecam,reference,pytorch-grad-cam,torchcam",
                               "--precision", ours, "--peer-precision", "fp32,tf32", "--out", f"{o}/latency.json"],
              ["latency.json"]),
         # The two steps that decide the next defaults (the fast path's switches, the GPU serving settings)
         # come right after the headline latency, before the figures that were measured once already.
-        Step("ab", 150, [py, str(BENCH / "gpu_ab.py"), *ab, "--out", f"{o}/ab.json"], ["ab.json"]),
-        # The TorchServe handler in-process on this device (benchmarks/gpu_serving.py: no Java needed).
-        Step("serving", 100, [py, str(BENCH / "gpu_serving.py"), "--out", f"{o}/serving.json"]
+        # Each variant in a process of its own (a crash or a hang loses its row only); the deciding ones first.
+        Step("ab", AB_BUDGET_S + 10, [py, str(BENCH / "gpu_ab.py"), *ab, "--out", f"{o}/ab.json"], ["ab.json"]),
+        # The TorchServe handler in-process on this device (benchmarks/gpu_serving.py: no Java needed); its
+        # handler tests' subprocess gets what is left of the step's limit after the load (UNIONCAM_STEP_LIMIT_S).
+        Step("serving", 90, [py, str(BENCH / "gpu_serving.py"), "--out", f"{o}/serving.json"]
              + (["--dry-run"] if a.dry_run else []), ["serving.json"]),
         # The kernel tests before throughput: they took 48 s on the H200 and were cut off on the H100.
-        Step("kernel-tests", 120, [py, "-m", "pytest", "-v", "-rA", "--tb=short", "-p", "no:cacheprovider",
+        Step("kernel-tests", 90, [py, "-m", "pytest", "-v", "-rA", "--tb=short", "-p", "no:cacheprovider",
                                    f"--junitxml={o}/kernel-tests.xml", *deselect, *tests], ["kernel-tests.xml"],
              env=test_env, kernels_switch=False),
-        Step("throughput", 75, [py, bl, *model, *tp, "--warmup", "1", "--methods", "unioncam",
+        Step("throughput", 60, [py, bl, *model, *tp, "--warmup", "1", "--methods", "unioncam",
                                 "--precision", tp_precisions, "--out", f"{o}/throughput.json"], ["throughput.json"]),
-        Step("precision", 75, [py, bp, *prec, "--method", "unioncam,scorecam", "--precision", "bf16,fp16",
+        Step("precision", 60, [py, bp, *prec, "--method", "unioncam,scorecam", "--precision", "bf16,fp16",
                                "--out", f"{o}/precision-{{method}}.json"],
              ["precision-unioncam.json", "precision-scorecam.json"]),
-        Step("profile", 60, [py, str(BENCH / "profile_explain.py"), *prof, "--precision", "bf16",
+        Step("profile", 40, [py, str(BENCH / "profile_explain.py"), *prof, "--precision", "bf16",
                              "--out-json", f"{o}/profile.json", "--out-txt", f"{o}/profile.txt"],
              ["profile.json", "profile.txt"]),
         # Two warm-up calls: both sample photos, whose last chunks differ, are autotuned before timing.
@@ -231,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "gpu-out"),
                     help="folder for every file (default: $OUT, else gpu-out/)")
     ap.add_argument("--budget", type=float, default=None,
-                    help="seconds after which no step starts (default 480; dry run 240)")
+                    help="seconds after which no step starts (default 480; dry run 360)")
     ap.add_argument("--dry-run", action="store_true", help="the same steps on CPU, small")
     ap.add_argument("--model", default=None, help="vgg16 / shapes (default: vgg16; dry run: shapes)")
     ap.add_argument("--wheels", default=str(ROOT / ".whl"), help="folder of wheels to install (default .whl/)")
@@ -241,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                     "results.tar.gz (4 files in all, for a transfer that takes few files)")
     ap.add_argument("--only", default=None, help="comma list of steps to run (default: all)")
     a = ap.parse_args(argv)
-    budget = a.budget if a.budget is not None else (240.0 if a.dry_run else 480.0)
+    budget = a.budget if a.budget is not None else (360.0 if a.dry_run else 480.0)
     start = time.monotonic()
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -275,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
                                     "outputs": step.outputs, "missing_outputs": step.outputs})
             _write(out / "steps.json", record)
             continue
-        step_env = {**env, **step.env}
+        step_env = {**env, **step.env, STEP_LIMIT_ENV: str(limit)}
         if switch_off and step.kernels_switch:
             step_env["UNIONCAM_TRITON"] = "0"
         log(f"### {step.name}: start at {time.monotonic() - start:.0f} s, limit {limit} s")

@@ -6,15 +6,17 @@ archive settings those ``unioncam archive --device cuda`` writes:
 
 1. ``traps``: ``gpu_id`` None → the CPU with one log line; a CUDA out-of-memory error during one request
    (faked) → that request's 507 with a sentence, and the next request served.
-2. ``handler-tests``: the in-process handler tests of ``tests/test_serving_gpu.py`` with the handler on
-   this device (``UNIONCAM_TEST_GPU_ID``), in a subprocess (pytest's summary kept).
-3. ``load``: ``--requests`` concurrent UnionCAM requests and as many predictions, arriving at once, handed
+2. ``load``: ``--requests`` concurrent UnionCAM requests and as many predictions, arriving at once, handed
    to one worker in TorchServe's batches (``batchSize`` of the GPU archive, arrival order, the two kinds
    interleaved): per-request latency (p50/p99, from the common arrival to its batch's answer),
    throughput, peak memory of the worker; every explanation against ``unioncam.explain`` of its own
    image on the same device (max abs difference of the float16 map on the wire, the selected map), every
    prediction against the model's own top 5. Run twice: ``shared`` (a batch's explanations in one
    ``explain_batch``, the GPU archive) and ``alone`` (one ``explain`` per request, the CPU archive's way).
+3. ``handler-tests``: the in-process handler tests of ``tests/test_serving_gpu.py`` with the handler on
+   this device (``UNIONCAM_TEST_GPU_ID``), in a subprocess (pytest's summary kept). Last, and limited to
+   what is left of ``--budget`` (default: the step's limit that ``gpu_check.py`` passes in
+   ``UNIONCAM_STEP_LIMIT_S``, less a margin): a hang there cannot cost the load's figures or the step.
 
 Each part is wrapped: a failure is recorded with its traceback in the JSON and the others still run.
 
@@ -149,7 +151,20 @@ def part_traps(a, model_dir: Path, gpu_id, cfg: dict) -> dict:
     return rec
 
 
-def part_handler_tests(a, gpu_id) -> dict:
+#: Seconds kept free at the end of the budget (the JSON, the interpreter's exit).
+MARGIN_S = 5.0
+#: The handler tests are not started with less than this many seconds left.
+MIN_TESTS_S = 10.0
+
+
+def tests_timeout(requested: float, budget: float | None, elapsed: float) -> float:
+    """The handler tests' limit: ``requested``, cut to what is left of ``budget`` after ``elapsed`` seconds."""
+    if budget is None:
+        return requested
+    return max(0.0, min(requested, budget - elapsed - MARGIN_S))
+
+
+def part_handler_tests(a, gpu_id, timeout: float) -> dict:
     """The in-process handler tests of tests/test_serving_gpu.py on this device, in a subprocess."""
     env = dict(os.environ)
     if gpu_id is not None:
@@ -157,11 +172,25 @@ def part_handler_tests(a, gpu_id) -> dict:
     cmd = [sys.executable, "-m", "pytest", "-q", "-rA", "--tb=short", "-p", "no:cacheprovider",
            str(ROOT / "tests" / "test_serving_gpu.py"), "-k",
            "explain_batch or out_of_memory or falls_back or gpu_id"]
+    rec: dict = {"command": " ".join(cmd[3:]), "timeout_s": round(timeout, 1)}
+    if timeout < MIN_TESTS_S:
+        return {**rec, "ok": False, "error": f"skipped: {timeout:.0f} s left of the step's budget"}
     t0 = time.monotonic()
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=a.tests_timeout)
-    lines = (p.stdout + p.stderr).strip().splitlines()
-    return {"command": " ".join(cmd[3:]), "exit": p.returncode, "seconds": round(time.monotonic() - t0, 1),
-            "summary": lines[-1] if lines else "", "tail": lines[-25:], "ok": p.returncode == 0}
+    # In this step's process group: gpu_check.py ending the step ends it too.
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        text, _ = p.communicate(timeout=timeout)
+        rc = p.returncode
+    except subprocess.TimeoutExpired:
+        p.kill()
+        text, _ = p.communicate()
+        rc = None
+    lines = (text or "").strip().splitlines()
+    rec.update(exit=rc, seconds=round(time.monotonic() - t0, 1), tail=lines[-25:], ok=rc == 0,
+               summary=lines[-1] if lines and rc is not None else f"timeout after {timeout:.0f} s")
+    if rc is None:
+        rec["error"] = f"timeout after {timeout:.0f} s"
+    return rec
 
 
 def _load_once(h, device: torch.device, rows: list[tuple[str, bytes]], batch: int) -> dict:
@@ -276,9 +305,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tolerance", type=float, default=None,
                     help="max abs difference of a map from the library's (float16 on the wire; bf16 chunks); "
                     "default 1e-2, dry run (strict fp32) 2e-3")
-    ap.add_argument("--tests-timeout", type=float, default=150.0, help="seconds for the handler tests")
+    ap.add_argument("--tests-timeout", type=float, default=60.0,
+                    help="seconds for the handler tests (cut to what is left of --budget)")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds for the whole script (default: $UNIONCAM_STEP_LIMIT_S less a margin, else none)")
     ap.add_argument("--only", default=None, help="comma list of parts: traps, handler-tests, load")
     a = ap.parse_args(argv)
+    started = time.monotonic()
+    step_limit = os.environ.get("UNIONCAM_STEP_LIMIT_S")  # gpu_check.py: this step's limit
+    if a.budget is None and step_limit:
+        a.budget = max(0.0, float(step_limit) - MARGIN_S)
     from unioncam.serve.archive import ArchiveSettings
 
     cuda = torch.cuda.is_available() and not a.dry_run
@@ -291,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     rec: dict = {"dry_run": a.dry_run, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                  "python": platform.python_version(), "torch": torch.__version__,
-                 "cuda_available": torch.cuda.is_available(), "parts": {}}
+                 "cuda_available": torch.cuda.is_available(), "budget_s": a.budget, "parts": {}}
     if cuda:
         rec["device_name"] = torch.cuda.get_device_name(0)
     else:
@@ -325,9 +361,11 @@ def main(argv: list[str] | None = None) -> int:
 
     model_dir = Path(tempfile.mkdtemp(prefix="unioncam-gpu-serving-"))
     only = {s.strip() for s in a.only.split(",")} if a.only else None
+    # The load's figures before the handler tests: the tests run in a subprocess limited to what is left.
     parts = [("traps", lambda: part_traps(a, model_dir, gpu_id, cfg)),
-             ("handler-tests", lambda: part_handler_tests(a, gpu_id)),
-             ("load", lambda: part_load(a, model_dir, gpu_id, cfg, device))]
+             ("load", lambda: part_load(a, model_dir, gpu_id, cfg, device)),
+             ("handler-tests", lambda: part_handler_tests(
+                 a, gpu_id, tests_timeout(a.tests_timeout, a.budget, time.monotonic() - started)))]
     for name, fn in parts:
         if only is not None and name not in only:
             continue

@@ -7,7 +7,9 @@ input, one capture, a replay per chunk, the fall-back) is checked with a fake gr
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -297,6 +299,247 @@ def test_a_failed_capture_falls_back_with_one_warning(monkeypatch):
         scorer.images(x, t)
 
 
+class _FakeStream:
+    def __init__(self, name):
+        self.name = name
+
+    def wait_stream(self, other):
+        pass
+
+
+class _FakeCUDAGraph:
+    """``torch.cuda.CUDAGraph`` on a CPU: what the capture's forward registers (``record``) is replayed."""
+
+    def __init__(self, cuda):
+        self.cuda, self.work = cuda, []
+
+    def capture_begin(self, pool=None):
+        self.pool = pool
+        self.cuda.underway.append(pool)  # the allocator routes the capture's allocations to the pool
+        self.cuda.capturing = self
+        self.cuda.reserved += self.cuda.pool_grows
+
+    def capture_end(self):
+        self.cuda.capturing = None  # cudaStreamEndCapture ends the capture even when it fails
+        if self.cuda.end_fails:  # torch raises before it stops routing to the pool
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+        self.cuda.underway.remove(self.pool)
+
+    def record(self, work):
+        self.work.append(work)
+
+    def replay(self):
+        self.cuda.replays += 1
+        if not self.cuda.empty:
+            for w in self.work:
+                w()
+
+
+class _FakeCuda:
+    """What ``fast._Graph`` calls of torch.cuda and the caching allocator, on a CPU, with the allocator's
+    bookkeeping: pools under way (``empty_cache`` trips on any left) and releases."""
+
+    def __init__(self, end_fails=False, empty=False, pool_grows=0):
+        self.end_fails, self.empty, self.pool_grows = end_fails, empty, pool_grows
+        self.default = _FakeStream("default")
+        self.current, self.capturing = self.default, None
+        self.underway, self.ended, self.released = [], [], []
+        self.reserved, self.replays, self.pools = 0, 0, 0
+
+    def device(self, dev):
+        return contextlib.nullcontext()
+
+    def current_stream(self, dev=None):
+        return self.current
+
+    def set_stream(self, s):
+        self.current = s
+
+    @contextlib.contextmanager
+    def stream(self, s):
+        prev, self.current = self.current, s
+        try:
+            yield
+        finally:
+            self.current = prev
+
+    def Stream(self, dev):  # noqa: N802 - torch's name
+        return _FakeStream("side")
+
+    def synchronize(self, dev=None):
+        pass
+
+    def memory_reserved(self, dev=None):
+        return self.reserved
+
+    def graph_pool_handle(self):
+        self.pools += 1
+        return (0, self.pools)
+
+    def CUDAGraph(self):  # noqa: N802 - torch's name
+        return _FakeCUDAGraph(self)
+
+    def is_current_stream_capturing(self):
+        return self.capturing is not None
+
+    def end_pool(self, device, pool):
+        if pool not in self.underway:
+            raise RuntimeError("endAllocatePool: not currently recording to mempool_id")
+        self.underway.remove(pool)
+        self.ended.append(pool)
+
+    def release_pool(self, device, pool):
+        self.released.append(pool)
+
+
+def _recording(cuda, fn):
+    """``fn`` whose work a fake capture records (a real capture records the kernels it launches)."""
+
+    def run(x):
+        y = fn(x)
+        if cuda.capturing is not None:
+            cuda.capturing.record(lambda: y.copy_(fn(x)))
+        return y
+
+    return run
+
+
+def test_a_capture_records_its_pool_and_replays_the_forward(monkeypatch):
+    cuda = _FakeCuda(pool_grows=3 << 20)
+    monkeypatch.setattr(fastmod, "_cuda", cuda)
+    fn = _recording(cuda, lambda x: x.flatten(1).sum(1, keepdim=True) * 2)
+    static = torch.zeros(4, 3, 2, 2)
+    g = fastmod._Graph(fn, static)
+    assert g.pool_bytes == 3 << 20 and cuda.underway == [] and cuda.current is cuda.default
+    static.copy_(torch.arange(48.0).reshape(4, 3, 2, 2))
+    assert torch.equal(g(), fn(static))  # a replay computes the forward of what the static input holds now
+
+
+def test_a_graph_that_replays_nothing_fails_its_capture():
+    cuda = _FakeCuda(empty=True)  # captured on another device's stream: no nodes, torch only warns
+    fn = _recording(cuda, lambda x: x.flatten(1).sum(1, keepdim=True) * 2)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fastmod, "_cuda", cuda)
+        with pytest.raises(RuntimeError, match="left the output untouched"):
+            fastmod._Graph(fn, torch.zeros(4, 3, 2, 2))
+    assert cuda.replays == 1
+
+
+@pytest.mark.parametrize("cuda", [_FakeCuda(end_fails=True), _FakeCuda(empty=True)], ids=["capture-raises", "empty"])
+def test_a_failed_capture_leaves_no_pool_and_the_stream_it_found(monkeypatch, cuda):
+    # torch.cuda.graph would leave the pool "under way" (every later empty_cache trips) and its stream current.
+    monkeypatch.setattr(fastmod, "_cuda", cuda)
+    _graphs_on_cpu(monkeypatch, fastmod._Graph)
+    model = make_tiny_cnn(seed=4)
+    x, t = _inputs(9, 16, 10, seed=10)
+    today = Scorer(model, batch_size=4).images(x, t)
+    scorer = Scorer(model, batch_size=4)
+    scorer.fast = FastPath(fixed_chunks=True, cuda_graphs=True)
+    with pytest.warns(RuntimeWarning, match="cuda_graphs failed") as rec:
+        got = scorer.images(x, t)
+    assert len([w for w in rec if "cuda_graphs failed" in str(w.message)]) == 1
+    assert torch.allclose(got, today, rtol=0, atol=1e-6)
+    assert cuda.underway == [] and cuda.current is cuda.default and cuda.capturing is None
+    if cuda.end_fails:  # the pool capture_end left routed: ended and released once, here
+        assert cuda.ended == [(0, 1)] and cuda.released == [(0, 1)]
+    else:  # captured, then found empty: torch ended the pool; its graph's destructor releases it
+        assert cuda.ended == [] and cuda.released == []
+    assert fastmod.stats(model)["graphs_failed"] is True and fastmod.stats(model)["graphs"] == 0
+
+
+def test_compile_and_capture_are_timed_apart(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(fastmod, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def slow_compile(fn, **kw):
+        done = []
+
+        def run(x):
+            if not done:
+                clock[0] += 10.0  # the compile, on the first call
+                done.append(1)
+            return fn(x)
+        return run
+
+    class TimedGraph(_FakeGraph):
+        def __init__(self, fn, static_in):
+            clock[0] += 1.0  # the capture
+            super().__init__(fn, static_in)
+
+    monkeypatch.setattr(torch, "compile", slow_compile)
+    _graphs_on_cpu(monkeypatch, TimedGraph)
+    model = make_tiny_cnn(seed=5)
+    x, t = _inputs(4, 16, 10, seed=11)
+    scorer = Scorer(model, batch_size=4)
+    scorer.fast = FastPath(fixed_chunks=True, compile=True, cuda_graphs=True)
+    scorer.images(x, t)
+    st = fastmod.stats(model)
+    (name,) = st["capture_s"]
+    assert st["compile_s"] == {name: 10.0} and st["capture_s"] == {name: 1.0}
+
+
+def test_strict_fp32_and_tf32_get_graphs_and_compiled_forwards_of_their_own(monkeypatch):
+    # Both run float32 tensors (no autocast dtype); a graph replays the kernels chosen at its capture.
+    _graphs_on_cpu(monkeypatch, _FakeGraph)
+    _FakeGraph.made = []
+    model = make_tiny_cnn(seed=6)
+    x, t = _inputs(4, 16, 10, seed=12)
+    for precision in ("fp32", "tf32", "fp32"):
+        scorer = Scorer(model, batch_size=4, precision=precision)
+        scorer.fast = FastPath(fixed_chunks=True, cuda_graphs=True)
+        scorer.images(x, t)
+    assert len(_FakeGraph.made) == 2
+    keys = sorted(fastmod.stats(model)["capture_s"])
+    assert len(keys) == 2 and any("/fp32/" in k for k in keys) and any("/tf32/" in k for k in keys)
+    eng = fastmod.engine(model)
+    runner = eng.runner(False, False, CPU)
+    assert eng.chunk_fn(runner, None, "fp32") is not eng.chunk_fn(runner, None, "tf32")
+
+
+def test_graph_pools_show_in_the_stats(monkeypatch):
+    class PoolGraph(_FakeGraph):
+        pool_bytes = 5 << 20
+
+    _graphs_on_cpu(monkeypatch, PoolGraph)
+    model = make_tiny_cnn(seed=7)
+    x, t = _inputs(4, 16, 10, seed=13)
+    scorer = Scorer(model, batch_size=4)
+    scorer.fast = FastPath(fixed_chunks=True, cuda_graphs=True)
+    scorer.images(x, t)
+    st = fastmod.stats(model)
+    assert list(st["graph_pool_bytes"].values()) == [5 << 20] and st["graph_pool_gb"] == (5 << 20) / 2**30
+
+
+# ------------------------------------------------------------------------------ the current CUDA device
+
+
+def test_a_model_on_another_gpu_is_made_the_current_device(monkeypatch):
+    from unioncam.core import backend_flags, use_device
+
+    set_to, entered = [], []
+
+    class Device:
+        def __init__(self, dev):
+            self.dev = dev
+
+        def __enter__(self):
+            entered.append(self.dev)
+
+        def __exit__(self, *exc):
+            entered.append("exit")
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", set_to.append)
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    for dev in ("cuda:1", "cuda:0", "cpu"):
+        use_device(dev)
+    assert set_to == [torch.device("cuda:1")]  # a worker on GPU 1: its Triton kernels and graphs go there
+    for dev in ("cuda:1", "cuda:0", "cpu"):
+        with backend_flags(torch.device(dev), "bf16"):
+            pass
+    assert entered == [torch.device("cuda:1"), "exit"]  # explain on a model of a non-current GPU
+
+
 # ------------------------------------------------------------------------------ the mask kernel's out
 
 
@@ -321,3 +564,17 @@ def test_prepare_warms_the_chunk_shape_of_an_explanation():
                                                                                 "fixed_chunks": True})
     assert info["batch_size"] == 4 and info["precision"] == "fp32" and info["fast"]["pool_first"]
     assert info["seconds"] >= 0 and info["compile_s"] == {} and info["capture_s"] == {}
+
+
+def test_a_forward_that_fails_during_capture_is_the_error_reported(monkeypatch):
+    cuda = _FakeCuda(end_fails=True)  # the capture's end fails too, as it does after a CUDA error
+
+    def fn(x):
+        if cuda.capturing is not None:
+            raise RuntimeError("CUBLAS_STATUS_NOT_SUPPORTED in the forward")
+        return x.sum()
+
+    monkeypatch.setattr(fastmod, "_cuda", cuda)
+    with pytest.raises(RuntimeError, match="CUBLAS_STATUS_NOT_SUPPORTED"):
+        fastmod._Graph(fn, torch.zeros(2, 3))
+    assert cuda.underway == [] and cuda.released == [(0, 1)] and cuda.current is cuda.default

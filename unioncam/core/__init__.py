@@ -2,7 +2,7 @@
 
 from .capture import Pass, black_probs, forward_pass, model_device, model_dtype
 from .fast import FastPath, resolve_fast
-from .scorer import DEFAULT_BATCH_SIZE, PRECISIONS, Scorer, backend_flags, default_batch_size, resolve_precision
+from .scorer import DEFAULT_BATCH_SIZE, PRECISIONS, Scorer, backend_flags, default_batch_size, resolve_precision, use_device
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -18,4 +18,5 @@ __all__ = [
     "model_dtype",
     "resolve_fast",
     "resolve_precision",
+    "use_device",
 ]

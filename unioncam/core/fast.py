@@ -18,9 +18,10 @@ forwards cheaper without changing what they compute:
   per model, shape and dtype and cached with the model; a compile that fails warns once and the forward
   runs eagerly from then on.
 - ``cuda_graphs`` (``UNIONCAM_CUDA_GRAPHS``): CUDA only. The fixed-shape chunk forward is captured once
-  (after two warm-up runs on a side stream, so cuDNN's autotuning is done) and replayed per chunk; the
-  mask kernel writes each chunk straight into the graph's static input. A capture that fails warns once
-  and the forward runs without graphs from then on.
+  per precision and shape (after two warm-up runs on a side stream, so cuDNN's autotuning is done) and
+  replayed per chunk; the mask kernel writes each chunk straight into the graph's static input. A capture
+  that fails, or whose graph replays nothing, releases its pool, restores the stream, warns once, and the
+  forward runs without graphs from then on.
 
 Each switch is ``0``/``1`` in the environment (read when a :class:`~unioncam.core.Scorer` is made) or
 given to the scorer (``fast=``); given beats the environment, which beats :func:`defaults`. Compile and
@@ -246,27 +247,128 @@ def _warn_once(what: str, exc: BaseException, then: str) -> None:
                   "warning.", RuntimeWarning, stacklevel=4)
 
 
+class _TorchCuda:
+    """The CUDA calls a capture makes, in one place: ``torch.cuda``'s, and the caching allocator's two
+    private-pool calls a failed capture needs. Tests put a fake here to run the capture's failure paths
+    (a capture that raises, a graph that replays nothing) on a CPU."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch.cuda, name)
+
+    @staticmethod
+    def end_pool(device: int, pool: Any) -> None:
+        """Stop routing the capture's allocations to ``pool`` (``capture_end`` does this, unless it raised first)."""
+        C = torch._C
+        end = getattr(C, "_cuda_endAllocateToPool", None) or getattr(C, "_cuda_endAllocateCurrentStreamToPool")
+        end(device, pool)
+
+    @staticmethod
+    def release_pool(device: int, pool: Any) -> None:
+        """Let the allocator free ``pool``'s memory once nothing uses it (a graph's destructor does this, but
+        only for a graph that was captured)."""
+        torch._C._cuda_releasePool(device, pool)
+
+
+_cuda: Any = _TorchCuda()
+
+
 class _Graph:
-    """One captured CUDA graph of ``fn`` over a static input (see :meth:`Engine.forward`)."""
+    """One captured CUDA graph of ``fn`` over a static input (see :meth:`Engine.forward`).
+
+    Made on the static input's device (whatever the current one is), after two warm-up runs on a side
+    stream (cuDNN autotuning, lazy initialisation and any compilation happen there, not in the graph).
+    ``torch.cuda.graph`` is not used: its exit ends the capture without ``try``/``finally``, so a CUDA error
+    during capture leaves the caching allocator routing to the graph's pool ("captures underway") and the
+    side stream current, and every later ``empty_cache`` fails. Here a failed capture ends the pool, releases
+    it and restores the stream before it raises, so the caller runs on without graphs.
+
+    A graph that replays nothing (no nodes: captured on another device's stream, where torch only warns)
+    is a failed capture too: after capture the output is set to NaN, a fresh input replayed, and the
+    result must equal an eager call on that input. ``pool_bytes``: the reserved memory the capture added
+    (the graph's private pool, which ``max_memory_allocated`` does not see between replays).
+    """
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], static_in: torch.Tensor) -> None:
+        cuda = _cuda
         self.static_in = static_in
         dev = static_in.device
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        # Warm-up on a side stream, as capture needs: cuDNN autotuning (benchmark mode), lazy
-        # initialisation and any compilation happen here, not inside the graph.
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                fn(static_in)
-        torch.cuda.current_stream(dev).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.static_out = fn(static_in)
+        with cuda.device(dev):
+            prev = cuda.current_stream(dev)
+            side = cuda.Stream(dev)
+            side.wait_stream(prev)
+            with cuda.stream(side):
+                for _ in range(2):
+                    fn(static_in)
+            prev.wait_stream(side)
+            cuda.synchronize(dev)
+            reserved = cuda.memory_reserved(dev)
+            pool = cuda.graph_pool_handle()
+            graph = cuda.CUDAGraph()
+            try:
+                with cuda.stream(side):
+                    graph.capture_begin(pool=pool)
+                    try:
+                        out = fn(static_in)
+                    except BaseException:
+                        try:  # end the capture; the forward's own error is the one to report
+                            graph.capture_end()
+                        except Exception:  # noqa: BLE001
+                            pass
+                        raise
+                    graph.capture_end()
+            except BaseException:
+                _abandon(cuda, graph, dev, pool, side, prev)
+                raise
+            self.pool_bytes = max(0, cuda.memory_reserved(dev) - reserved)
+            self.graph, self.static_out = graph, out
+            self._check(fn)
+
+    def _check(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Raise unless a replay computes ``fn`` of the static input (an empty graph replays nothing)."""
+        with torch.no_grad():
+            self.static_in.uniform_()  # a fresh input: the scorer writes each chunk over it anyway
+            self.static_out.fill_(float("nan"))
+            self.graph.replay()
+            got = self.static_out.float()
+            want = fn(self.static_in).float()
+            scale = float(want.abs().max()) if want.numel() else 0.0
+            if not torch.allclose(got, want, rtol=1e-2, atol=1e-3 + 1e-2 * scale, equal_nan=True):
+                finite = bool(torch.isfinite(got).all())
+                raise RuntimeError(
+                    "the captured CUDA graph does not compute the forward: "
+                    + ("its replay left the output untouched (an empty graph: captured on another device's "
+                       "stream?)" if not finite else
+                       f"its replay differs from an eager call by {float((got - want).abs().max()):.3g}"))
 
     def __call__(self) -> torch.Tensor:
         self.graph.replay()
         return self.static_out
+
+
+def _abandon(cuda: Any, graph: Any, dev: torch.device, pool: Any, side: Any, prev: Any) -> None:
+    """After a failed capture: end the stream's capture if it is still under way, stop routing allocations
+    to the graph's pool and release it, make the stream current before the capture current again. Each
+    step is tried on its own (the first failure must not hide behind a second)."""
+    index = dev.index if dev.index is not None else 0
+    try:
+        with cuda.stream(side):
+            if cuda.is_current_stream_capturing():
+                graph.capture_end()
+    except Exception:  # noqa: BLE001 - the capture failed already; this only ends what is left of it
+        pass
+    try:
+        cuda.end_pool(index, pool)
+    except Exception:  # noqa: BLE001 - capture_end got as far as ending the pool itself
+        pass
+    else:
+        try:  # released only if this process still held it (a second release would abort in C++)
+            cuda.release_pool(index, pool)
+        except Exception:  # noqa: BLE001
+            pass
+    try:
+        cuda.set_stream(prev)
+    except Exception:  # noqa: BLE001
+        pass
 
 
 class Engine:
@@ -292,6 +394,7 @@ class Engine:
         self.graphs: dict[tuple, Any] = {}
         self.compile_s: dict[str, float] = {}
         self.capture_s: dict[str, float] = {}
+        self.pool_bytes: dict[str, int] = {}
         self.compile_failed = False
         self.graphs_failed = False
 
@@ -311,6 +414,7 @@ class Engine:
             self.fns.clear()
             self.compile_s.clear()
             self.capture_s.clear()
+            self.pool_bytes.clear()
 
     def low_params(self, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
         if dtype is None:
@@ -335,11 +439,13 @@ class Engine:
         """Whether ``runner`` is the pool-first network (part of every compile / graph key)."""
         return isinstance(runner, _PoolFirstRunner)
 
-    def chunk_fn(self, runner: nn.Module, dtype: torch.dtype | None) -> Callable[[torch.Tensor], torch.Tensor]:
-        """``x ↦ logits`` of ``runner`` with the cached ``dtype`` weights: one function object per runner and
-        dtype, so that its compiled form is made once. The caller enters autocast and the head's float32
-        hook (the scorer's ``_autocast``) around it, as today's path does."""
-        key = (id(runner), dtype)
+    def chunk_fn(self, runner: nn.Module, dtype: torch.dtype | None,
+                 precision: str | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``x ↦ logits`` of ``runner`` with the cached ``dtype`` weights: one function object per runner,
+        dtype and precision name, so that its compiled form is made once per precision (fp32 and tf32 share
+        a dtype but not their kernels). The caller enters autocast and the head's float32 hook (the scorer's
+        ``_autocast``) around it, as today's path does."""
+        key = (id(runner), dtype, precision)
         if key not in self.fns:
             params = self.low_params(dtype)
 
@@ -353,7 +459,8 @@ class Engine:
                 fast: FastPath, fill: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
         """Logits of the chunk ``x`` (already in its fixed shape) through ``fn``, compiled and/or replayed.
 
-        ``key`` names the forward (runner, dtype, shape): one compiled graph, one CUDA graph per key.
+        ``key`` names the forward (runner, precision name, dtype, shape): one compiled graph, one CUDA graph
+        per key (a graph replays the kernels chosen at capture: strict fp32 and TF32 need one each).
         With graphs, ``fill(static_input)`` writes the chunk into the graph's static input (the mask
         kernel writing straight into it); without ``fill`` the chunk ``x`` is copied in.
         """
@@ -362,6 +469,8 @@ class Engine:
         if fast.cuda_graphs and not self.graphs_failed and x.device.type in self.graph_devices:
             g = self.graphs.get(key)
             if g is None:
+                if fast.compile and not self.compile_failed and self._name(key) not in self.compile_s:
+                    fn(x)  # compile first, timed on its own: capture_s is then the capture alone
                 g = self._capture(key, fn, x)
             if g is not None:
                 if fill is not None:
@@ -378,9 +487,13 @@ class Engine:
         g = self.graphs.get(key)
         return None if g is None else g.static_in
 
+    @staticmethod
+    def _name(key: tuple) -> str:
+        return "/".join(map(str, key))
+
     def _compiled(self, key: tuple, fn: Callable, x: torch.Tensor) -> Callable:
         ck = id(fn)  # one torch.compile wrapper per chunk function; dynamo keeps one graph per shape
-        name = "/".join(map(str, key))
+        name = self._name(key)
         if ck not in self.compiled:
             # UNIONCAM_COMPILE_BACKEND: another torch.compile backend; "eager" traces with dynamo but
             # compiles nothing (seconds, not minutes, on a CPU), so the GPU pass's dry run covers this path.
@@ -412,7 +525,9 @@ class Engine:
         return first
 
     def _capture(self, key: tuple, fn: Callable, x: torch.Tensor) -> Any:
-        name = "/".join(map(str, key))
+        """Capture ``key``'s graph: ``capture_s`` times the warm-up runs, the capture and its check (a
+        compile happened before, timed apart); ``pool_bytes`` is the graph's private pool."""
+        name = self._name(key)
         t0 = time.perf_counter()
         try:
             static_in = torch.zeros_like(x, memory_format=torch.channels_last)
@@ -422,18 +537,25 @@ class Engine:
             self.graphs_failed = True
             _warn_once("cuda_graphs", e, "the masked forwards run without CUDA graphs for the rest of this process")
             if x.is_cuda:
-                torch.cuda.synchronize(x.device)  # a failed capture can leave the stream mid-capture
+                try:  # the graph released its pool and restored the stream; a sticky error shows here
+                    torch.cuda.synchronize(x.device)
+                except Exception:  # noqa: BLE001 - the eager forward that follows raises it properly
+                    pass
             return None
         if x.is_cuda:
             torch.cuda.synchronize(x.device)
         self.capture_s[name] = time.perf_counter() - t0
+        self.pool_bytes[name] = int(getattr(g, "pool_bytes", 0) or 0)
         while len(self.graphs) >= MAX_GRAPHS:  # each graph holds its activations' memory: keep the newest
-            self.graphs.pop(next(iter(self.graphs)))
+            old = next(iter(self.graphs))
+            self.graphs.pop(old)
+            self.pool_bytes.pop(self._name(old), None)
         self.graphs[key] = g
         return g
 
     def stats(self) -> dict[str, Any]:
         return {"compile_s": dict(self.compile_s), "capture_s": dict(self.capture_s),
+                "graph_pool_bytes": dict(self.pool_bytes), "graph_pool_gb": sum(self.pool_bytes.values()) / 2**30,
                 "compile_failed": self.compile_failed, "graphs_failed": self.graphs_failed,
                 "graphs": len(self.graphs)}
 
@@ -480,6 +602,7 @@ def release(model: nn.Module) -> None:
 
 
 def stats(model: nn.Module) -> dict[str, Any]:
-    """Compile and capture seconds (per forward key) and failures of the model's fast path so far."""
+    """Compile and capture seconds (per forward key, timed apart), the CUDA graphs' private pools (bytes per
+    key, and ``graph_pool_gb`` for the graphs kept) and failures of the model's fast path so far."""
     slot = model.__dict__.get(_ATTR)
     return {} if not isinstance(slot, _Slot) or slot.engine is None else slot.engine.stats()

@@ -24,7 +24,7 @@ from .capture import model_device, model_dtype
 from .fast import FastPath, Runner, cast_params, engine, head_of, resolve_fast
 
 __all__ = ["DEFAULT_BATCH_SIZE", "PRECISIONS", "Scorer", "backend_flags", "cpu_has_native", "default_batch_size",
-           "is_out_of_memory", "resolve_precision"]
+           "is_out_of_memory", "resolve_precision", "use_device"]
 
 #: Masked inputs per forward when ``batch_size`` is not given, at 224×224. A GPU needs large batches to fill
 #: up; a CPU is compute-bound at any batch size (VGG16 at 224²: 198–215 ms per image for batches of 1–32 on
@@ -119,6 +119,23 @@ def _tf32_switches() -> list[tuple[Any, str, Any, Any]]:
     return [(torch.backends.cuda.matmul, "allow_tf32", True, False), (torch.backends.cudnn, "allow_tf32", True, False)]
 
 
+def _off_current(device: torch.device) -> bool:
+    """Whether ``device`` is a CUDA device other than the current one."""
+    return device.type == "cuda" and device.index is not None and torch.cuda.current_device() != device.index
+
+
+def use_device(device: torch.device | str) -> None:
+    """Make a CUDA ``device`` the process's current device (nothing for others).
+
+    Triton launches its kernels on the current device and a CUDA graph is captured on the current
+    device's stream, whatever device the tensors live on: a server worker given GPU 1 sets it once at
+    start-up. (:func:`backend_flags` enters the model's device for one call where it is not current.)
+    """
+    device = torch.device(device)
+    if _off_current(device):
+        torch.cuda.set_device(device)
+
+
 @contextlib.contextmanager
 def backend_flags(device: torch.device, precision: str) -> Iterator[None]:
     """The process-wide backend flags an explanation needs, set for the call and restored after.
@@ -127,6 +144,8 @@ def backend_flags(device: torch.device, precision: str) -> Iterator[None]:
     for convolutions by default on Ampere and newer). ``tf32`` turns it on. Half precisions leave it off
     for the few float32 forwards they keep. On CUDA, cuDNN autotuning is on: an explanation runs a
     handful of fixed shapes hundreds of times. A caller's own settings come back when the call returns.
+    A CUDA ``device`` other than the current one is made current for the call (Triton kernels and CUDA
+    graphs go to the current device; see :func:`use_device`).
     """
     if device.type != "cuda":
         yield
@@ -134,14 +153,15 @@ def backend_flags(device: torch.device, precision: str) -> Iterator[None]:
     switches = _tf32_switches()
     saved = [(obj, attr, getattr(obj, attr)) for obj, attr, _, _ in switches]
     saved.append((torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark))
-    try:
-        for obj, attr, on, off in switches:
-            setattr(obj, attr, on if precision == "tf32" else off)
-        torch.backends.cudnn.benchmark = True
-        yield
-    finally:
-        for obj, attr, value in saved:
-            setattr(obj, attr, value)
+    with torch.cuda.device(device) if _off_current(device) else contextlib.nullcontext():
+        try:
+            for obj, attr, on, off in switches:
+                setattr(obj, attr, on if precision == "tf32" else off)
+            torch.backends.cudnn.benchmark = True
+            yield
+        finally:
+            for obj, attr, value in saved:
+                setattr(obj, attr, value)
 
 
 class Scorer:
@@ -281,7 +301,7 @@ class Scorer:
         eng = engine(self.model)
         dtype = self.autocast_dtype
         runner = eng.runner(normalized, self.fast.pool_first, self.device)
-        fn = eng.chunk_fn(runner, dtype)
+        fn = eng.chunk_fn(runner, dtype, self.precision)
         out = torch.empty(n, device=targets.device, dtype=torch.float32)
         buf: torch.Tensor | None = None
         i, bs = 0, self.batch_size
@@ -292,8 +312,10 @@ class Scorer:
                 with torch.no_grad(), self._autocast():
                     if buf is None or buf.shape[0] != bs:
                         first = build(i, j)
-                        key = (normalized, "pool-first" if eng.is_pool_first(runner) else "plain", dtype,
-                               (bs, *first.shape[1:]), first.dtype)
+                        # The precision's name, not only its dtype: fp32 and tf32 both have none, and a graph
+                        # or compiled forward keeps the kernels (TF32 or not) it was made with.
+                        key = (normalized, "pool-first" if eng.is_pool_first(runner) else "plain", self.precision,
+                               dtype, (bs, *first.shape[1:]), first.dtype)
                         # A captured graph's static input is the buffer: chunks are built straight into it.
                         buf = eng.static_input(key)
                         if buf is None:

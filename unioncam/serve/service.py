@@ -31,7 +31,7 @@ from .. import __version__
 from ..api import explain, explain_batch, prepare
 from ..core.capture import black_probs, model_dtype
 from ..core.fast import resolve_fast
-from ..core.scorer import resolve_precision
+from ..core.scorer import resolve_precision, use_device
 from ..errors import InvalidInputError
 from ..methods import get as get_method
 from ..models import load_model
@@ -84,6 +84,7 @@ class UnionCAMService:
         if note is not None:  # a warning where a GPU was there to use
             logger.log(logging.WARNING if torch.cuda.is_available() else logging.INFO,
                        "unioncam handler: %s: serving on the CPU", note)
+        use_device(self.device)  # Triton kernels and CUDA graphs run on the current device: this worker's GPU
         #: The archive's settings were made for a GPU: share chunks across a batch, queue for slots.
         self.gpu_settings = cfg.get("device", "cpu") == "cuda"
         # An archive's "auto" is decided here, on this worker's device; one older than it meant fp32.
