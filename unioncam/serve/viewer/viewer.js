@@ -432,12 +432,19 @@
     if (res.method === "unioncam") {
       const p = document.createElement("p");
       p.className = "verdict";
-      // AMS keeps the union map only when its gain is strictly higher (a tie keeps the region map).
+      // AMS keeps the union map only when its gain is strictly higher. Gains equal to float32 rounding
+      // (details.beta_tie, decided by the server) are a tie, whichever way the strict rule went.
       const [bu, br] = fmtPair(d.beta_union, d.beta_region);
-      p.textContent = d.selected === "union"
-        ? `AMS kept the union map: its score gain β_union = ${bu} beat the region map's β_region = ${br}.`
-        : `AMS kept the region map: the union map's score gain β_union = ${bu} did not beat ` +
-          `the region map's β_region = ${br}${d.beta_union === d.beta_region ? " (a tie keeps the region map)" : ""}.`;
+      if (d.beta_tie || d.beta_union === d.beta_region) {
+        p.textContent = `AMS kept the ${d.selected} map on a tie: the score gains β_union = ${bu} and ` +
+          `β_region = ${br} are equal to float32 rounding, and the strict rule (the union map only when ` +
+          `β_union > β_region) decided.`;
+      } else {
+        p.textContent = d.selected === "union"
+          ? `AMS kept the union map: its score gain β_union = ${bu} beat the region map's β_region = ${br}.`
+          : `AMS kept the region map: the union map's score gain β_union = ${bu} did not beat ` +
+            `the region map's β_region = ${br}.`;
+      }
       const q = document.createElement("p");
       q.textContent = `The θ = ${d.theta} threshold removed ${fmt(100 * d.denoised_fraction, 0)} % of the ` +
         `gradient entries (${fmt(100 * d.denoised_positive_fraction, 0)} % of the positive ones); the denoised ` +
