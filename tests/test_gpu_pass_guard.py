@@ -73,9 +73,9 @@ def test_ctrl_c_or_a_timeout_ends_the_steps_too(tmp_path, sig):
                              "--wheels", str(tmp_path / "no-wheels")], env={**env, "PY": sys.executable},
                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # its own group: the "terminal" whose Ctrl-C we send
+    seen: set[int] = set()
     try:
         deadline = time.monotonic() + 120
-        seen: set[int] = set()
         while time.monotonic() < deadline and proc.poll() is None:
             seen |= _descendants(proc.pid)
             if len(seen) >= 2 and (tmp_path / "out" / "preflight.log").exists():
@@ -95,5 +95,6 @@ def test_ctrl_c_or_a_timeout_ends_the_steps_too(tmp_path, sig):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-        for p in _descendants(proc.pid):
-            os.kill(p, signal.SIGKILL)
+        for p in _descendants(proc.pid) | seen:  # orphans too, should the pass have left any
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)
