@@ -31,3 +31,22 @@ def test_the_readme_python_example_says_which_python_runs_it():
     text = (ROOT / "README.md").read_text("utf-8")
     before = text[:text.index("```python")].rstrip().rsplit("\n\n", 1)[-1]
     assert ".venv/bin/python" in before and "source scripts/bootstrap.sh" in before
+
+
+def test_a_text_file_sent_as_the_image_is_called_text_not_an_image():
+    from unioncam import InvalidInputError
+    from unioncam.serve.protocol import Defaults, parse
+
+    with pytest.raises(InvalidInputError) as err:  # a text/plain form part reaches the handler as text
+        parse({"image": "name,score\nalice,3\nbob,4\n"}, True, Defaults(image_size=64))
+    msg = str(err.value)
+    assert err.value.field == "image" and "is text, not an image" in msg and "'name,score alice,3" in msg
+    assert "PNG, JPEG" in msg
+
+
+def test_the_serving_docs_say_which_content_types_a_raw_upload_needs():
+    text = " ".join((ROOT / "docs" / "serving.md").read_text("utf-8").split())
+    para = text[text.index("A raw body (the image file itself)"):][:700]
+    for needed in ("application/octet-stream", "image/png", "curl -T FILE", "--data-binary",
+                   "application/x-www-form-urlencoded", "500 ErrorDataDecoderException"):
+        assert needed in para, needed

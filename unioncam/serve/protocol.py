@@ -111,7 +111,12 @@ def _image(value: Any, name: str, size: int) -> tuple[torch.Tensor, float]:
         try:  # `base64` without -w0 wraps lines: whitespace is not an error
             value = base64.b64decode("".join(value.split()), validate=True)
         except (binascii.Error, ValueError):
-            raise InvalidInputError(name, "is text but not valid base64", "an image file, or its bytes in base64")
+            # A text file uploaded as a form part (TorchServe hands text/* parts over as text), or text
+            # that was meant as base64: either way not an image.
+            head = " ".join(value.split())[:40]
+            raise InvalidInputError(
+                name, f"is text, not an image ({len(value)} characters, starting {head!r}; nor is it base64 "
+                "of one)", "an image file (PNG, JPEG, …), or its bytes in base64") from None
     elif not isinstance(value, (bytes, bytearray)):
         kind = "null" if value is None else type(value).__name__
         raise InvalidInputError(name, f"is a JSON {kind}", "an image file, or its bytes in base64")

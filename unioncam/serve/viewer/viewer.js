@@ -112,7 +112,12 @@
       if (body.type && body.message) return `TorchServe refused the ${what} (${body.type}): ${body.message}`;
       if (body.message) return body.message;
     }
-    if (status === 413) return `The ${what} is larger than the server accepts (HTTP 413).`;
+    if (status === 413) {
+      // TorchServe's frontend answers 413 with an empty body: the page says the limit it knows.
+      const max = (state.info && state.info.max_body) || 16 * 2 ** 20;
+      return `The ${what} is larger than the server accepts: at most ${max / 2 ** 20} MiB per request (HTTP 413). ` +
+        "Send a smaller file; it is resized to the model's size anyway.";
+    }
     const text = typeof body === "string" && body.trim() ? `: ${body.trim().slice(0, 200)}` : ".";
     return `The ${what} failed with HTTP ${status}${text}`;
   }
