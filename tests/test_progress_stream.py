@@ -94,3 +94,54 @@ def test_without_a_sender_a_streaming_request_gets_its_answer_as_one_line(handle
     ctx = FakeContext(Path("."), [{"explain": "True"}])
     out = handler.handle([{"image": random_png(), "method": b"gradcam", "progress": b"true"}], ctx)
     assert ctx.content_type[0] == ND and json.loads(out[0])["method"] == "gradcam"
+
+
+def test_the_page_proxy_passes_each_progress_line_on_as_it_arrives(tmp_path):
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import requests
+
+    from unioncam.serve import viewer as viewer_mod
+
+    assert viewer_mod.PROGRESS_TYPE == protocol.PROGRESS_TYPE
+    got_first = threading.Event()
+    waited: list[bool] = []
+    first = protocol.progress_line(0, 10, 0.0, "explaining").encode()
+    last = b'{"method":"unioncam"}\n'
+
+    class H(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(200)
+            self.send_header("Content-Type", ND)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(first), first))
+            self.wfile.flush()
+            waited.append(got_first.wait(20))  # the rest only once the client holds the first line
+            self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(last), last))
+            self.wfile.flush()
+
+        def log_message(self, *args):
+            pass
+
+    up = ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=up.serve_forever, daemon=True).start()
+    (tmp_path / "key_file.json").write_text(json.dumps({"inference": {"key": "k"}}))
+    info = {"model": "unioncam", "max_body": 1 << 20}
+    try:
+        with viewer_mod.Viewer(f"http://127.0.0.1:{up.server_address[1]}", tmp_path / "key_file.json", info) as v:
+            r = requests.post(v.url + "/api/explanations", data=b"x", headers={"Origin": v.url}, stream=True,
+                              timeout=30)
+            assert r.status_code == 200 and r.headers["Content-Type"] == ND
+            lines = r.iter_lines()
+            assert next(lines) + b"\n" == first
+            got_first.set()
+            assert next(lines) + b"\n" == last
+            assert waited == [True], "the proxy held the first line back until the answer was complete"
+    finally:
+        up.shutdown()
+        up.server_close()
