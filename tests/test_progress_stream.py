@@ -124,6 +124,7 @@ def test_the_page_proxy_passes_each_progress_line_on_as_it_arrives(tmp_path):
             waited.append(got_first.wait(20))  # the rest only once the client holds the first line
             self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(last), last))
             self.wfile.flush()
+            self.close_connection = True
 
         def log_message(self, *args):
             pass

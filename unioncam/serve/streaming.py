@@ -79,8 +79,8 @@ class ProgressStream:
     def watch(self, idxs: Sequence[int], parts: Sequence[tuple[Any, int]]) -> Progress | None:
         """A :class:`Progress` for one engine call that answers requests ``idxs``; ``None`` when none streams."""
         mine = [i for i in dict.fromkeys(idxs) if i in self.state]
-        if not mine:
-            return None
+        if not mine or not any(getattr(m, "masked", False) for m, _ in parts):
+            return None  # a gradient method is one forward/backward: nothing to follow, the answer comes at once
         now = time.monotonic()
         for i in mine:
             self.state[i].update(state="explaining", start=now)
