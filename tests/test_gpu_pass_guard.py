@@ -4,6 +4,7 @@ and Ctrl-C or a timeout's SIGTERM ends every process under it (its steps run in 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -66,6 +67,7 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(shutil.which("ps") is None, reason="needs ps (procps) to find the pass's processes")
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "timeout"])
 def test_ctrl_c_or_a_timeout_ends_the_steps_too(tmp_path, sig):
     env = {k: v for k, v in os.environ.items() if k not in ("OUT", "UNIONCAM_TRITON")}
