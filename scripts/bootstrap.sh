@@ -1,6 +1,24 @@
 #!/usr/bin/env bash
 # Creates .venv (if missing) and installs the project with its test, serving and docs extras into it.
-# Idempotent: a second run only checks. Sourced by ./serve.sh, ./test.sh and .ci/run.
+# Idempotent: a second run only checks. Sourced by ./serve.sh, ./test.sh and .ci/run, and by hand
+# (`source scripts/bootstrap.sh` puts the environment's `unioncam` and `python` on PATH).
+#
+# Sourced, it changes nothing in the calling shell but PATH: the work runs in a child bash with its own
+# `set -euo pipefail`, so the caller's options (an interactive terminal's, say) stay as they were and a
+# failure returns its status instead of closing the shell.
+if [ "${BASH_SOURCE[0]}" != "$0" ]; then
+    __unioncam_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+    __unioncam_venv="${UNIONCAM_VENV:-$__unioncam_root/.venv}"
+    if UNIONCAM_VENV="$__unioncam_venv" bash "$__unioncam_root/scripts/bootstrap.sh"; then
+        export PATH="$__unioncam_venv/bin:$PATH"
+        unset __unioncam_root __unioncam_venv
+        return 0
+    else
+        __unioncam_rc=$?
+        unset __unioncam_root __unioncam_venv
+        eval "unset __unioncam_rc; return $__unioncam_rc"
+    fi
+fi
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${UNIONCAM_VENV:-$root/.venv}"
@@ -31,4 +49,3 @@ if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$root[test,serve,docs]"
     touch "$stamp"
 fi
-export PATH="$venv/bin:$PATH"

@@ -3,7 +3,8 @@ driven by Debian's Chromium through selenium and chromedriver (``scripts/bootstr
 
 Skipped with the reason when Chromium, chromedriver or selenium is missing, unless
 ``UNIONCAM_REQUIRE_BROWSER=1`` (CI sets it): then a missing browser fails. ``UNIONCAM_SCREENSHOT=1``
-writes the page with its explanations to ``docs/viewer.png``.
+writes the page with its explanations to ``docs/viewer.png``, and the page mid-explanation with its
+progress bar to ``docs/viewer-progress.png``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -155,6 +157,20 @@ def test_upload_explain_side_by_side_then_a_non_image(page, driver, tmp_path):
     driver.find_elements(By.CSS_SELECTOR, "button.prediction")[1].click()  # explain the second class
     _wait(driver, lambda d: d.execute_script("return document.querySelectorAll('.pane .status')[0].textContent")
           .endswith("elapsed"), 30, "an elapsed-time indicator")
+    # A masked explanation longer than a second shows the server's progress: a bar, done of total, %, time left.
+    shown = _wait(driver, lambda d: d.execute_script(
+        "const p = [...document.querySelectorAll('.pane .progress')].find(p => !p.hidden);"
+        " if (!p) return null; const b = p.querySelector('progress');"
+        " return [p.closest('.pane').dataset.method, p.querySelector('.progress-text').textContent, b.max, b.value];"),
+        120, "a progress bar")
+    method, text, most, value = shown
+    assert method in ("unioncam", "scorecam") and 0 <= value <= most and most > 3, shown
+    assert re.fullmatch(r"\d+ of \d+ masked forwards · \d+ %( · about [\d.]+ s left)?", text), text
+    if os.environ.get("UNIONCAM_SCREENSHOT") == "1":  # the page mid-explanation
+        _wait(driver, lambda d: "left" in d.execute_script(
+            "const p = [...document.querySelectorAll('.pane .progress')].find(p => !p.hidden);"
+            " return p ? p.textContent : ''"), 60, "a time left")
+        driver.save_screenshot(str(ROOT / "docs" / "viewer-progress.png"))
 
     def all_done(d):
         states = d.execute_script("return [...document.querySelectorAll('.pane')].map(p => p.dataset.state)")
@@ -299,3 +315,41 @@ def test_a_trained_model_other_than_vgg16(shapes_page, driver, downloads, tmp_pa
     answer = json.loads(js.read_text())
     assert answer["method"] == "unioncam" and answer["class_name"] == "cross"
     assert answer["details"]["selected"] in ("union", "region") and answer["map"]["shape"] == [64, 64]
+
+
+def test_what_the_server_cannot_say_well_the_page_says(page, driver):
+    """A 413 from TorchServe (an empty body) and a β tie at float32 rounding, the answers stood in for."""
+    from selenium.webdriver.common.by import By
+
+    driver.get(page["url"])
+    _wait(driver, lambda d: d.execute_script("return !!document.querySelector('input[name=method]')"), 60, "the page")
+    m = base64.b64encode(bytes.fromhex("00000038003c0034")).decode()  # float16 0, 0.5, 1, 0.25
+    answer = {"class": 1, "class_name": "one", "score": 0.5, "method": "unioncam",
+              "map": {"dtype": "float16", "byteorder": "little", "shape": [2, 2], "data": m},
+              "details": {"beta_denoise": 0.5, "beta_union": 0.9311167, "beta_region": 0.9311166, "beta_tie": True,
+                          "selected": "union", "theta": 10, "denoised_fraction": 0.1,
+                          "denoised_positive_fraction": 0.0, "active_channels": 3, "channels": 4,
+                          "baseline_score": 0.01, "masked_forwards": 6, "layer": "x"},
+              "timings": {"decode_ms": 1, "explain_ms": 2, "encode_ms": 1}}
+    preds = {"predictions": [{"class": 1, "class_name": "one", "probability": 0.5}]}
+    driver.execute_script(
+        "window.__answer = arguments[0]; window.__preds = arguments[1]; window.__too_large = true;"
+        " window.fetch = (url, opts) => {"
+        "  if (String(url).endsWith('/api/predictions')) return Promise.resolve(window.__too_large"
+        "    ? new Response('', {status: 413}) : new Response(JSON.stringify(window.__preds),"
+        "      {status: 200, headers: {'Content-Type': 'application/json'}}));"
+        "  return Promise.resolve(new Response(JSON.stringify(window.__answer),"
+        "    {status: 200, headers: {'Content-Type': 'application/json'}})); };", answer, preds)
+    driver.find_element(By.ID, "file").send_keys(str(ROOT / "samples" / "shapes" / "cross.png"))
+    limit = "larger than the server accepts: at most 16 MiB per request (HTTP 413)"
+    _wait(driver, lambda d: limit in d.find_element(By.ID, "errors").text, 30, "the size limit")
+
+    driver.execute_script("window.__too_large = false;")
+    driver.find_element(By.ID, "file").send_keys(str(ROOT / "samples" / "shapes" / "ring.png"))
+    _wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "button.prediction")) == 1, 30, "the prediction")
+    driver.find_elements(By.CSS_SELECTOR, "button.prediction")[0].click()
+    _wait(driver, lambda d: d.execute_script(
+        "return [...document.querySelectorAll('.pane')].every(p => p.dataset.state === 'done')"), 30, "the panes")
+    details = driver.find_element(By.CSS_SELECTOR, '.pane[data-method="unioncam"] .details').text
+    assert "AMS kept the union map on a tie" in details and "equal to float32 rounding" in details, details
+    assert "beat" not in details, details

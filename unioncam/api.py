@@ -18,6 +18,7 @@ from torch import nn
 from . import methods as _methods
 from .core.capture import forward_pass, model_device, model_dtype
 from .core.fast import FastPath, stats
+from .core.progress import Progress, layer_channels
 from .core.scorer import Scorer, backend_flags, default_batch_size, resolve_precision
 from .errors import InvalidInputError
 from .methods import METHODS, Options
@@ -34,7 +35,7 @@ from .validation import (
     validate_top_k,
 )
 
-__all__ = ["METHODS", "Explanation", "explain", "explain_batch", "prepare"]
+__all__ = ["METHODS", "Explanation", "Progress", "explain", "explain_batch", "job_rows", "prepare"]
 
 
 @dataclass
@@ -69,7 +70,7 @@ def explain_batch(
     layer: str | None = None,
     batch_size: int | None = None,
     device: str | torch.device | None = None,
-    progress: bool = False,
+    progress: bool | Progress = False,
     precision: str = "auto",
     keep_on_device: bool = False,
     top_k: int | None = None,
@@ -93,6 +94,10 @@ def explain_batch(
 
     ``fast``: switches of the masked-forward fast path (:mod:`unioncam.core.fast`, ``docs/fast-path.md``)
     over the ``UNIONCAM_*`` environment variables; when any is on, ``details["fast_path"]`` names them.
+
+    ``progress``: ``True`` draws a bar over this call's masked forwards (``n/total``, %, rate, ETA); a
+    :class:`~unioncam.core.progress.Progress` made for a larger job (several calls: methods, image
+    sets; :func:`job_rows`) counts this call's forwards into it and is left open.
     """
     method = validate_method(method)
     theta = validate_theta(theta)
@@ -128,11 +133,16 @@ def explain_batch(
     groups: dict[tuple[int, int], list[int]] = {}
     for i, px in enumerate(pixels):
         groups.setdefault(tuple(px.shape[-2:]), []).append(i)
-    bar = None
-    if progress and impl.masked:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(desc=f"{method} masked forwards", unit="fwd", leave=False)
+    own = bar = None
+    if isinstance(progress, Progress):
+        bar = progress
+    elif progress and impl.masked:
+        bar = own = Progress([(impl, job_rows(targets, top_k))])
+    if bar is not None and bar.total is None:
+        # The total before the forward/backward starts: K from a meta-device forward (else from the pass).
+        channels = layer_channels(model, layer_ref, next(iter(groups)), reshape)
+        if channels is not None:
+            bar.learn_channels(channels)
     results: list[Any] = [None] * len(images)
     try:
         scorer = Scorer(model, batch_size, bar, precision, fast=fast)
@@ -152,9 +162,15 @@ def explain_batch(
                 for i, res in zip(idx, group):
                     results[i] = res
     finally:
-        if bar is not None:
-            bar.close()
+        if own is not None:
+            own.close()
     return results  # type: ignore[return-value]
+
+
+def job_rows(targets: Sequence[int | None | Sequence[int]], top_k: int | None = None) -> int:
+    """How many explanations (rows) a call of :func:`explain_batch` with these ``targets`` makes: one per
+    image, one per class of a list entry, ``top_k`` per ``None`` entry when ``top_k`` is given."""
+    return sum(len(t) if isinstance(t, (list, tuple)) else (top_k if t is None and top_k else 1) for t in targets)
 
 
 def _refuse_too_small(model: nn.Module, size: tuple[int, int], name: str, exc: Exception) -> None:
@@ -179,7 +195,13 @@ def _explain_group(model: nn.Module, x: torch.Tensor, targets: list[int | None],
                    top_k: int | None = None, multi: bool = False) -> list[Any]:
     """One :class:`Explanation` per image, or (``multi``) one list of them per image."""
     start = time.perf_counter()
+    bar = scorer.progress if isinstance(scorer.progress, Progress) else None
+    if bar is not None:
+        bar.phase(impl.name, "forward/backward")
     p = forward_pass(model, x, targets, layer, impl.needs_gradients, reshape=reshape, top_k=top_k)
+    if bar is not None:
+        bar.learn_channels(int(p.acts.shape[1]))  # where the meta device could not tell
+        bar.phase(impl.name, "masked forwards")
     out = impl.run(p, scorer, options)
     # Results reach the host once, at the end (no sync per chunk or per channel).
     saliency = out.saliency.float() if keep_on_device else out.saliency.float().cpu()
@@ -217,7 +239,7 @@ def explain(
     layer: str | None = None,
     batch_size: int | None = None,
     device: str | torch.device | None = None,
-    progress: bool = False,
+    progress: bool | Progress = False,
     precision: str = "auto",
     top_k: int | None = None,
     reshape: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -238,7 +260,8 @@ def explain(
             64 for smaller images (:func:`unioncam.core.default_batch_size`; results do not depend on it
             beyond float rounding).
         device: move the model there first; ``None`` → where the model is.
-        progress: show a progress bar over masked forwards.
+        progress: show a progress bar over the masked forwards: ``n/total``, %, rate and ETA, from the
+            moment the forward/backward starts (or a :class:`~unioncam.core.progress.Progress` to count into).
         precision: ``"auto"`` (the default: ``bf16`` on CUDA and on CPUs with native bf16 instructions,
             strict ``fp32`` elsewhere; :func:`unioncam.core.resolve_precision`), ``"fp32"`` (strict float32,
             TF32 off on CUDA), ``"tf32"`` (CUDA's TF32 matrix maths), ``"bf16"`` or ``"fp16"`` (autocast

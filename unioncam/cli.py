@@ -22,11 +22,27 @@ def _weights_label(weights: str | None, seed: int) -> str | None:
     return None if weights is None else label(weights, seed)
 
 
+def _result_line(png: str, label: str, res, method: str, weights: str | None) -> str:
+    """What the command prints for one explanation: the file, the class, and what the result is."""
+    extra = f" selected={res.details['selected']}" if method == "unioncam" else ""
+    notes = []
+    if res.details.get("beta_tie"):
+        notes.append(f"β_union = β_region to float32 rounding: a tie, which the strict rule gave to the "
+                     f"{res.details['selected']} map")
+    if weights is not None and weights.startswith("random"):
+        notes.append(f"RANDOM weights ({weights}): the class and the map mean nothing")
+    if float(res.saliency.max()) == float(res.saliency.min()):
+        notes.append("flat map: every pixel has the same value, it points at nothing")
+    tail = "".join(f"  [{n}]" for n in notes)
+    return f"{png}  class {label}  p={res.score:.4f}{extra}  {res.details['seconds']:.2f}s{tail}"
+
+
 def _cmd_explain(args: argparse.Namespace) -> int:
     from . import explain_batch, load_image
+    from .api import Progress, job_rows
+    from .methods import get as get_method
     from .models import load_model
     from .models.defaults import resolve_args
-    from .viz import overlay
 
     if args.top_k is not None and args.target is not None:
         raise ValueError("--top-k and --target exclude each other")
@@ -40,9 +56,27 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     model = load_model(args.model, args.weights, seed=args.weights_seed, device=args.device)
     cats = getattr(model, "categories", None)
     several = isinstance(args.target, list)
+    # One bar over the whole job (every image and method), its total known before the first forward.
+    rows = job_rows([args.target] * len(images), args.top_k)
+    bar = None
+    if not args.quiet and any(get_method(m).masked for m in args.method):
+        bar = Progress([(get_method(m), rows) for m in args.method])
+    try:
+        _explain_all(args, model, images, names, out, cats, several, bar, explain_batch)
+    finally:
+        if bar is not None:
+            bar.close()
+    return 0
+
+
+def _explain_all(args, model, images, names, out, cats, several, bar, explain_batch) -> None:
+    from .viz import overlay
+
+    weights = _weights_label(args.weights, args.weights_seed)
     for method in args.method:
         results = explain_batch(model, images, targets=[args.target] * len(images), method=method, theta=args.theta,
-                                layer=args.layer, batch_size=args.batch_size, progress=not args.quiet,
+                                layer=args.layer, batch_size=args.batch_size,
+                                progress=bar if bar is not None else False,
                                 precision=args.precision, top_k=args.top_k)
         if args.top_k is not None:
             rows = [(name, f"{name}.{method}.top{r + 1}", img, res)
@@ -62,15 +96,17 @@ def _cmd_explain(args: argparse.Namespace) -> int:
                 "class_name": cats[res.target] if cats else None,
                 "score": res.score,
                 "model": args.model,
-                "weights": _weights_label(args.weights, args.weights_seed),
+                "weights": weights,
                 "size": list(res.saliency.shape),
                 "details": res.details,
             }
             Path(f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
             label = f"{res.target} ({record['class_name']})" if cats else str(res.target)
-            extra = f" selected={res.details['selected']}" if method == "unioncam" else ""
-            print(f"{stem}.png  class {label}  p={res.score:.4f}{extra}  {res.details['seconds']:.2f}s")
-    return 0
+            line = _result_line(f"{stem}.png", label, res, method, weights)
+            if bar is not None:
+                bar.write(line)
+            else:
+                print(line)
 
 
 def build_parser() -> argparse.ArgumentParser:

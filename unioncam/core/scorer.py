@@ -345,6 +345,12 @@ class Scorer:
             i = j
         return out
 
+    def skip(self, n: int) -> None:
+        """Tell the progress (when it counts against a total) that ``n`` planned forwards will not run."""
+        skip = getattr(self.progress, "skip", None)
+        if skip is not None and n > 0:
+            skip(int(n))
+
     def masked(self, images: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor,
                fp32: bool = False) -> torch.Tensor:
         """``f_c(x ⊙ map)`` for maps ``[n, H, W]`` of images ``[n, 3, H, W]``."""

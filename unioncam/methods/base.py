@@ -80,6 +80,15 @@ class Method(abc.ABC):
         """One image's details from its host-side values; override to rename or format them."""
         return per_image
 
+    def planned_forwards(self, channels: int) -> int | None:
+        """The most masked forwards one row (image, class) costs for a layer of ``channels`` channels.
+
+        A progress bar's total (:class:`unioncam.core.progress.Progress`); pruned channels are taken off
+        it through :meth:`Scorer.skip`. ``None``: the method cannot say (the bar then counts without a
+        total). A method without masked forwards costs 0.
+        """
+        return None if self.masked else 0
+
 
 class GradientMethod(Method):
     """A method whose map is ``Σ_k w_k(A, W) A_k`` (or any closed form of ``A`` and ``W``): no masked forwards."""

@@ -38,6 +38,10 @@ class GroupCAM(Method):
     masked = True
     Details = GroupCAMDetails
 
+    def planned_forwards(self, channels: int) -> int:
+        size = -(-channels // GROUPCAM_GROUPS)  # torch.chunk's group size
+        return -(-channels // size) + 1  # one per group, and the blurred image
+
     def run(self, p: Pass, scorer: Scorer, options: Options) -> Result:
         assert p.grads is not None
         B = p.x.shape[0]
@@ -52,8 +56,9 @@ class GroupCAM(Method):
         masks = minmax_norm(u)
         k = min(GROUPCAM_BLUR[0], 2 * min(p.size) - 1)  # reflect padding needs kernel // 2 < side
         blurred = gaussian_blur(p.x, [k, k], [GROUPCAM_BLUR[1]] * 2) if k >= 3 else p.x
-        base = scorer(B, lambda i, j: blurred[i:j], p.targets)
         b_idx, g_idx = active.nonzero(as_tuple=True)
+        scorer.skip(B * G - b_idx.numel())  # constant groups are not scored
+        base = scorer(B, lambda i, j: blurred[i:j], p.targets)
 
         def build(i: int, j: int) -> torch.Tensor:
             m = masks[b_idx[i:j], g_idx[i:j]][:, None].to(p.x.dtype)

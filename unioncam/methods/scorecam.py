@@ -37,6 +37,7 @@ def region_map(p: Pass, scorer: Scorer) -> tuple[torch.Tensor, torch.Tensor]:
     lo, hi = upsampled_range(p.acts, p.size)
     active = (hi > lo) & _varies(p.acts)
     b_idx, k_idx = active.nonzero(as_tuple=True)  # the one host sync of the region map
+    scorer.skip(B * K - b_idx.numel())  # pruned channels: the progress total shrinks to what will run
     lo_a, hi_a = lo[b_idx, k_idx], hi[b_idx, k_idx]
     scores = scorer(
         b_idx.numel(),
@@ -63,6 +64,9 @@ class ScoreCAM(Method):
     needs_gradients = False
     masked = True
     Details = ScoreCAMDetails
+
+    def planned_forwards(self, channels: int) -> int:
+        return channels
 
     def run(self, p: Pass, scorer: Scorer, options: Options) -> Result:
         saliency, active = region_map(p, scorer)

@@ -15,7 +15,7 @@ from ..kernels import denoise, minmax_norm
 from .base import CommonDetails, Method, Options, Result, final, register
 from .scorecam import region_map
 
-__all__ = ["UnionCAM", "UnionCAMDetails", "select", "union"]
+__all__ = ["UnionCAM", "UnionCAMDetails", "beta_tie", "select", "union"]
 
 
 class UnionCAMDetails(CommonDetails):
@@ -24,6 +24,7 @@ class UnionCAMDetails(CommonDetails):
     beta_union: float  #: ``β_union = f_c(x ⊙ Lh_union) − b``
     baseline_score: float  #: ``b = f_c(black image)``
     selected: Literal["union", "region"]  #: the map AMS kept
+    beta_tie: bool  #: β_union and β_reg are equal to float32 rounding: the strict rule decided a tie
     active_channels: int  #: channels with a non-constant map (scored for the region map)
     denoised_fraction: float  #: share of gradient entries the θ-percentile threshold removed
     denoised_positive_fraction: float  #: … of the positive ones
@@ -43,6 +44,18 @@ def select(lh_union: torch.Tensor, lh_reg: torch.Tensor, beta_union: torch.Tenso
     """
     chosen = beta_union > beta_reg
     return torch.where(chosen[:, None, None], lh_union, lh_reg), chosen
+
+
+def beta_tie(beta_union: float, beta_reg: float, baseline: float) -> bool:
+    """Whether ``β_union`` and ``β_reg`` are equal to float32 rounding: a tie, whichever map AMS kept.
+
+    Each β is a float32 probability minus ``b`` (``f − b``), so each carries a rounding error of a few
+    units in the last place of the larger of ``f`` and ``b``; two β's closer than 4 such units cannot be
+    told apart. AMS still decides by its strict rule (:func:`select`); this only says that the decision
+    was a tie, so that it is not reported as a win.
+    """
+    scale = max(abs(beta_union + baseline), abs(beta_reg + baseline), abs(baseline), abs(beta_union), abs(beta_reg))
+    return abs(beta_union - beta_reg) <= 4 * torch.finfo(torch.float32).eps * scale
 
 
 @register
@@ -85,5 +98,10 @@ class UnionCAM(Method):
             "masked_forwards": active + 3,  # region map, β_den, β_reg, β_union
         })
 
+    def planned_forwards(self, channels: int) -> int:
+        return channels + 3  # one per channel (the region map), β_den, β_reg, β_union
+
     def details(self, per_image: dict[str, Any], options: Options) -> dict[str, Any]:
-        return {**per_image, "selected": "union" if per_image["selected"] else "region", "theta": options.theta}
+        tie = beta_tie(per_image["beta_union"], per_image["beta_region"], per_image["baseline_score"])
+        return {**per_image, "selected": "union" if per_image["selected"] else "region", "beta_tie": tie,
+                "theta": options.theta}

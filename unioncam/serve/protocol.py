@@ -29,6 +29,7 @@ __all__ = [
     "MAX_INSTANCES",
     "MAX_TARGETS",
     "OPTIONS",
+    "PROGRESS_TYPE",
     "Defaults",
     "Item",
     "Request",
@@ -37,6 +38,7 @@ __all__ = [
     "explanation_body",
     "parse",
     "predictions_body",
+    "progress_line",
 ]
 
 FORMATS = ("json", "png")
@@ -47,6 +49,9 @@ IMAGE_FIELDS = ("image", "data", "body", "file")
 MAX_INSTANCES = 8
 #: Most classes one explanation request may ask for (``target=top5``, ``target=281,285``).
 MAX_TARGETS = 10
+#: The content type of a streamed answer (``progress=true``): one JSON object per line, the progress lines
+#: first, the answer (or its error) last.
+PROGRESS_TYPE = "application/x-ndjson"
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,9 @@ class Request:
     errors: dict[int, InvalidInputError] = field(default_factory=dict)
     #: The v2 request's ``id``, echoed in the answer.
     id: str | None = None
+    #: The client asked for progress (``progress=true``, plain explanation requests): the answer streams
+    #: as JSON lines (:data:`PROGRESS_TYPE`), progress lines while it runs, the answer last.
+    progress: bool = False
 
     def __post_init__(self) -> None:
         if not self.positions:
@@ -124,6 +132,26 @@ def _isolated(kind: str, explain: bool, entries: list[Any], make: Any, request_i
     return req
 
 
+def _flag(value: Any, name: str) -> bool:
+    value = _text(value)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off", ""):
+        return value.lower() in ("true", "1", "yes", "on")
+    raise InvalidInputError(name, f"is {value!r}", "true or false")
+
+
+def _progress(req: Request, value: Any) -> Request:
+    """``req`` with the client's ``progress`` choice, refused where a stream of lines cannot carry the answer."""
+    if value is None or not req.explain:  # predictions are one forward: nothing to follow
+        return req
+    req.progress = _flag(value, "progress")
+    if req.progress and req.items[0].format != "json":
+        raise InvalidInputError("progress", f"cannot stream with format={req.items[0].format} (a PNG is one body)",
+                                "progress=true with format=json (the default), or format=png without progress")
+    return req
+
+
 def _text(value: Any) -> Any:
     """Multipart form fields arrive as bytes; options are text."""
     if isinstance(value, (bytes, bytearray)):
@@ -144,7 +172,12 @@ def _image(value: Any, name: str, size: int) -> tuple[torch.Tensor, float]:
         try:  # `base64` without -w0 wraps lines: whitespace is not an error
             value = base64.b64decode("".join(value.split()), validate=True)
         except (binascii.Error, ValueError):
-            raise InvalidInputError(name, "is text but not valid base64", "an image file, or its bytes in base64")
+            # A text file uploaded as a form part (TorchServe hands text/* parts over as text), or text
+            # that was meant as base64: either way not an image.
+            head = " ".join(value.split())[:40]
+            raise InvalidInputError(
+                name, f"is text, not an image ({len(value)} characters, starting {head!r}; nor is it base64 "
+                "of one)", "an image file (PNG, JPEG, …), or its bytes in base64") from None
     elif not isinstance(value, (bytes, bytearray)):
         kind = "null" if value is None else type(value).__name__
         raise InvalidInputError(name, f"is a JSON {kind}", "an image file, or its bytes in base64")
@@ -255,6 +288,10 @@ def parse(row: dict[str, Any], explain: bool, defaults: Defaults, content_type: 
     if isinstance(body, list):
         raise InvalidInputError("body", "is a JSON list", "a JSON object with 'image', 'instances' or 'inputs'")
     if isinstance(body, dict) and len(row) == 1:
+        if "image" in body and "progress" in body:  # a plain JSON request
+            body = dict(body)
+            flag = body.pop("progress")
+            return _progress(_parse_json(body, explain, defaults), flag)
         return _parse_json(body, explain, defaults)
     if isinstance(body, (int, float, bool)) or (body is None and len(row) == 1 and ("body" in row or "data" in row)):
         raise InvalidInputError("body", f"is a JSON {type(body).__name__ if body is not None else 'null'}",
@@ -269,10 +306,11 @@ def parse(row: dict[str, Any], explain: bool, defaults: Defaults, content_type: 
     if others:
         raise InvalidInputError("image", f"is given twice (fields {[name, *others]})", "one image per request")
     fields = {k: v for k, v in row.items() if k != name}
+    flag = fields.pop("progress", None)
     unknown = sorted(set(map(str, fields)) - set(OPTIONS))
     if unknown:
-        raise InvalidInputError("options", f"unknown field(s) {unknown}", ", ".join(OPTIONS))
-    return Request("plain", explain, [_item(row[name], fields, "image", defaults)])
+        raise InvalidInputError("options", f"unknown field(s) {unknown}", ", ".join(OPTIONS) + ", progress")
+    return _progress(Request("plain", explain, [_item(row[name], fields, "image", defaults)]), flag)
 
 
 def _known(options: dict[str, Any], where: str) -> dict[str, Any]:
@@ -388,6 +426,9 @@ def encode(req: Request, answers: list[Any], model_name: str) -> tuple[Any, str]
     """
     if req.kind == "plain":
         ans = answers[0]
+        if req.progress:  # the stream's last line
+            body = {"explanations": ans} if isinstance(ans, list) else ans
+            return json.dumps(body, separators=(",", ":")) + "\n", PROGRESS_TYPE
         if isinstance(ans, bytes):
             return ans, "image/png"
         if req.explain and isinstance(ans, list):
@@ -407,6 +448,20 @@ def encode(req: Request, answers: list[Any], model_name: str) -> tuple[Any, str]
     body["outputs"] = [{"name": name, "datatype": "BYTES", "shape": [len(answers)],
                         "data": [json.dumps(a) for a in answers]}]
     return body, "application/json"
+
+
+def progress_line(done: int, total: int | None, elapsed_s: float, state: str) -> str:
+    """One progress line of a streamed answer: ``{"progress": {...}}`` and a newline.
+
+    ``state``: ``"waiting"`` (the batch runs another explanation first), ``"explaining"`` or ``"done"``;
+    ``done``/``total``: masked forwards (``total`` ``null`` until known); ``percent`` and ``eta_s`` (the
+    seconds left at the rate so far) are ``null`` until they mean something.
+    """
+    percent = None if not total else round(100.0 * done / total, 1)
+    eta = None if not total or not done else round(elapsed_s * (total - done) / done, 2)
+    body = {"state": state, "done": done, "total": total, "percent": percent, "elapsed_s": round(elapsed_s, 2),
+            "eta_s": eta}
+    return json.dumps({"progress": body}, separators=(",", ":")) + "\n"
 
 
 def error_body(code: int, exc: InvalidInputError) -> dict[str, Any]:

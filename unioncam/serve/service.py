@@ -40,6 +40,7 @@ from ..viz import overlay_png
 from . import protocol
 from .limits import Slots, WorkerLease, explanation_seconds
 from .protocol import Item, Request
+from .streaming import ProgressStream, Sender
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,12 @@ class UnionCAMService:
 
     def __init__(self) -> None:
         self.initialized = False
+        self._stream: ProgressStream | None = None
+
+    def progress_sender(self, context: Any) -> Sender | None:
+        """How this backend sends a progress message to its streaming clients; ``None``: it cannot (the
+        answers are still single JSON lines)."""
+        return None
 
     def initialize(self, context: Any) -> None:
         """Load the archived model and settings (``model-config.yaml``'s ``handler`` section)."""
@@ -189,7 +196,7 @@ class UnionCAMService:
                 f"here, more than half the server's response timeout ({self.timeout} s)",
                 "fewer classes per request, or a gradient method (gradcam, layercam, ...)")
 
-    def _run(self, items: list[Item]) -> tuple[list[list[Any]], float]:
+    def _run(self, items: list[Item], progress: Any = False) -> tuple[list[list[Any]], float]:
         """The explanations of ``items`` (a list per item) and the milliseconds they took.
 
         One item: :func:`~unioncam.explain`, the same map as the library's on this image. Several (one
@@ -201,12 +208,13 @@ class UnionCAMService:
         first = items[0]
         if len(items) == 1:
             out = explain(self.model, first.pixels, method=first.method, target=first.target, top_k=first.top_k,
-                          theta=first.theta, layer=self.layer, batch_size=self.batch_size, precision=self.precision)
+                          theta=first.theta, layer=self.layer, batch_size=self.batch_size, precision=self.precision,
+                          progress=progress)
             results = [out if isinstance(out, list) else [out]]
         else:
             out = explain_batch(self.model, [it.pixels for it in items], targets=[it.target for it in items],
                                 method=first.method, theta=first.theta, layer=self.layer,
-                                batch_size=self.batch_size, precision=self.precision)
+                                batch_size=self.batch_size, precision=self.precision, progress=progress)
             results = [[r] for r in out]
         if self.delay_s and get_method(first.method).masked:
             time.sleep(self.delay_s)
@@ -274,8 +282,10 @@ class UnionCAMService:
                 for idx, _, it in unit:
                     failed.setdefault(idx, ("busy", None))
                 return
+            watch = self._stream.watch([idx for idx, _, _ in unit], [(get_method(unit[0][2].method), sum(
+                it.targets for _, _, it in unit))]) if self._stream is not None else None
             try:
-                results, ms = self._run([it for _, _, it in unit])
+                results, ms = self._run([it for _, _, it in unit], watch or False)
             except Exception as exc:  # noqa: BLE001 — one call for several requests: retry each alone
                 if len(unit) == 1:
                     failed.setdefault(unit[0][0], ("error", exc))
@@ -290,6 +300,8 @@ class UnionCAMService:
             if results is not None:
                 for (idx, j, it), res in zip(unit, results):
                     answers[(idx, j)] = self._encode(it, res, ms, idx, len(unit))
+                if self._stream is not None:
+                    self._stream.finish([idx for idx, _, _ in unit])
                 return
         for u in unit:  # outside the slot: each takes its own
             self._explain_unit(context, [u], answers, failed)
@@ -343,6 +355,9 @@ class UnionCAMService:
                     continue
                 explaining[idx] = req
         failed: dict[int, tuple[str, Exception | None]] = {}
+        # Clients that asked for progress (progress=true) get it streamed while their explanation runs.
+        streaming = [idx for idx, req in explaining.items() if req.progress]
+        self._stream = ProgressStream(context, streaming, self.progress_sender(context)) if streaming else None
         for unit in self._units(explaining):
             self._explain_unit(context, unit, answers, failed)
         for idx, req in parsed.items():
@@ -366,6 +381,8 @@ class UnionCAMService:
             except Exception as exc:  # noqa: BLE001
                 logger.exception("request %d failed", idx)
                 self._fail(context, idx, out, 500, InvalidInputError("request", f"failed in the engine: {exc}"))
+        if self._stream is not None:
+            self._stream.lines(out)  # after progress lines, an error too is a line
         return out
 
     def _fail_error(self, context: Any, idx: int, out: list[Any], exc: Exception, what: str) -> None:

@@ -20,6 +20,7 @@ import json
 import threading
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
@@ -30,6 +31,8 @@ __all__ = ["MAX_BODY", "STATIC", "Viewer", "archive_info", "layout_info"]
 
 #: Largest request body forwarded: TorchServe's ``max_request_size`` in the shipped config.
 MAX_BODY = 16 * 1024 * 1024
+#: A streamed answer's content type (``unioncam.serve.protocol.PROGRESS_TYPE``; not imported: no torch here).
+PROGRESS_TYPE = "application/x-ndjson"
 #: The page's files and their content types; nothing else is served.
 STATIC = {
     "index.html": "text/html; charset=utf-8",
@@ -140,8 +143,13 @@ class Viewer:
             return None
         return json.loads(self.key_file.read_text())["inference"]["key"]
 
-    def forward(self, path: str, body: bytes, content_type: str | None) -> tuple[int, dict[str, str], bytes]:
-        """POST ``body`` to TorchServe's ``path`` with the key; its status, passed headers and body."""
+    def forward(self, path: str, body: bytes, content_type: str | None
+                ) -> tuple[int, dict[str, str], bytes | Iterator[bytes]]:
+        """POST ``body`` to TorchServe's ``path`` with the key; its status, passed headers and body.
+
+        A streamed answer (``progress=true``: JSON lines) comes back as an iterator of its lines, passed on
+        to the page as they arrive.
+        """
         try:
             key = self.key()
         except (OSError, ValueError, KeyError, TypeError):
@@ -159,7 +167,10 @@ class Viewer:
             headers["Content-Type"] = "application/json"
         req = urllib.request.Request(self.upstream + path, data=body, headers=headers, method="POST")
         try:
-            with self._opener.open(req, timeout=self.timeout) as r:
+            r = self._opener.open(req, timeout=self.timeout)
+            if self.backend != "kserve" and (r.headers.get("Content-Type") or "").startswith(PROGRESS_TYPE):
+                return r.status, _passed(r.headers), _lines(r)
+            with r:
                 status, passed, answer = r.status, _passed(r.headers), r.read()
         except urllib.error.HTTPError as e:  # a 4xx/5xx answer: pass it on as it is
             with e:
@@ -189,6 +200,8 @@ def _kserve_request(path: str, body: bytes, content_type: str | None) -> tuple[s
         data = part.get_payload(decode=True) or b""
         if name in ("image", "file", "data"):
             instance["image"] = {"b64": base64.b64encode(data).decode("ascii")}
+        elif name == "progress":  # KServe's model server answers in one body: the page shows the time instead
+            continue
         elif name:
             instance[name] = data.decode("utf-8", "replace")
     verb = "explain" if path.startswith("/explanations/") else "predict"
@@ -212,6 +225,16 @@ def _kserve_answer(status: int, headers: dict[str, str], body: bytes) -> tuple[i
     elif name == "predictions":
         answer = {"predictions": answer}
     return status, {**headers, "Content-Type": "application/json"}, json.dumps(answer).encode()
+
+
+def _lines(r: Any) -> Iterator[bytes]:
+    """The lines of a streamed answer as they arrive; the upstream connection closes at the end."""
+    with r:
+        while True:
+            line = r.readline()
+            if not line:
+                return
+            yield line
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -244,10 +267,13 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass  # the terminal belongs to `unioncam serve`'s start-up lines
 
-    def _send(self, status: int, headers: dict[str, str], body: bytes) -> None:
+    def _send(self, status: int, headers: dict[str, str], body: bytes | Iterator[bytes]) -> None:
         self.send_response(status)
         for k, v in headers.items():
             self.send_header(k, v)
+        if not isinstance(body, (bytes, bytearray)):
+            self._stream(body)
+            return
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
         self.send_header("X-Content-Type-Options", "nosniff")
@@ -258,6 +284,25 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
+
+    def _stream(self, lines: Iterator[bytes]) -> None:
+        """The rest of a streamed answer: HTTP chunks, one per line, each sent as it arrives."""
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Content-Security-Policy", CSP)
+        self.end_headers()
+        try:
+            for line in lines:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+                self.wfile.flush()
+        except (OSError, http.client.HTTPException):  # the page went away, or TorchServe broke off
+            self.close_connection = True
+            return
+        finally:
+            getattr(lines, "close", lambda: None)()
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
 
     def _refuse(self, status: int, message: str) -> None:
         self._send(*_sentence(status, message))

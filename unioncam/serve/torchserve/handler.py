@@ -10,12 +10,31 @@ from __future__ import annotations
 from typing import Any
 
 from ..service import DELAY_ENV, UnionCAMService
+from ..streaming import Sender
 
-__all__ = ["DELAY_ENV", "UnionCAMHandler", "handle"]
+__all__ = ["DELAY_ENV", "UnionCAMHandler", "handle", "torchserve_sender"]
+
+
+def torchserve_sender(context: Any) -> Sender | None:
+    """TorchServe's intermediate-response call for ``context``; ``None`` outside a TorchServe worker."""
+    if getattr(context, "cl_socket", None) is None:
+        return None
+    try:
+        from ts.handler_utils.utils import send_intermediate_predict_response
+    except ImportError:
+        return None
+
+    def send(lines: dict[int, str], ids: dict[int, str], ctx: Any) -> None:
+        send_intermediate_predict_response(lines, ids, "Intermediate Prediction success", 200, ctx)
+
+    return send
 
 
 class UnionCAMHandler(UnionCAMService):
     """Serves ``/predictions`` (top-5 classes) and ``/explanations`` (a saliency map per request)."""
+
+    def progress_sender(self, context: Any) -> Sender | None:
+        return torchserve_sender(context)
 
 
 _service = UnionCAMHandler()

@@ -112,7 +112,12 @@
       if (body.type && body.message) return `TorchServe refused the ${what} (${body.type}): ${body.message}`;
       if (body.message) return body.message;
     }
-    if (status === 413) return `The ${what} is larger than the server accepts (HTTP 413).`;
+    if (status === 413) {
+      // TorchServe's frontend answers 413 with an empty body: the page says the limit it knows.
+      const max = (state.info && state.info.max_body) || 16 * 2 ** 20;
+      return `The ${what} is larger than the server accepts: at most ${max / 2 ** 20} MiB per request (HTTP 413). ` +
+        "Send a smaller file; it is resized to the model's size anyway.";
+    }
     const text = typeof body === "string" && body.trim() ? `: ${body.trim().slice(0, 200)}` : ".";
     return `The ${what} failed with HTTP ${status}${text}`;
   }
@@ -308,6 +313,9 @@
       details: node.querySelector(".details"),
       png: node.querySelector(".download-png"),
       json: node.querySelector(".download-json"),
+      progress: node.querySelector(".progress"),
+      bar: node.querySelector(".progress-bar"),
+      barText: node.querySelector(".progress-text"),
     };
     node.dataset.method = method;
     pane.title.textContent = method;
@@ -332,9 +340,50 @@
       ? pane.note : `${pane.note} — ${elapsed} elapsed`;
   }
 
+  /** The pane's progress bar from a server's progress line: masked forwards done of the total, %, and
+   * the time left at the rate so far. Shown once the explanation has run for a second. */
+  function showProgress(pane, p) {
+    if (p.state !== "explaining" || !p.total) return;
+    pane.bar.max = p.total;
+    pane.bar.value = p.done;
+    const left = p.eta_s === null ? "" : ` · about ${p.eta_s < 10 ? p.eta_s.toFixed(1) : Math.round(p.eta_s)} s left`;
+    pane.barText.textContent = `${p.done} of ${p.total} masked forwards · ${Math.floor(p.percent)} %${left}`;
+    pane.node.dataset.progress = JSON.stringify(p);
+    if (p.elapsed_s >= 1 || performance.now() - pane.started >= 1000) pane.progress.hidden = false;
+  }
+
+  /** A streamed answer (JSON lines: progress, then the answer): the progress drawn as it comes, the
+   * last line returned. */
+  async function readStream(pane, r, run) {
+    const reader = r.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "", last = null;
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (value) buffer += decoder.decode(value, { stream: true });
+      let nl;
+      while ((nl = buffer.indexOf("\n")) >= 0) {
+        const line = buffer.slice(0, nl).trim();
+        buffer = buffer.slice(nl + 1);
+        if (!line) continue;
+        const obj = JSON.parse(line);
+        if (obj && obj.progress) {
+          if (run === state.run) showProgress(pane, obj.progress);
+        } else {
+          last = obj;
+        }
+      }
+      if (done) break;
+    }
+    if (buffer.trim()) last = JSON.parse(buffer);
+    return last;
+  }
+
   async function explainOne(pane, run, signal) {
     pane.timer = setInterval(() => tick(pane), 100);
     setState(pane, "running", "explaining");
+    // Masked-forward methods take long enough to follow: the server streams their progress.
+    const follow = !!(state.info && (state.info.masked || []).includes(pane.method));
     try {
       for (;;) {
         const form = new FormData();
@@ -342,11 +391,17 @@
         form.append("method", pane.method);
         if (state.target !== null) form.append("target", String(state.target));
         form.append("theta", $("theta").value);
+        if (follow) form.append("progress", "true");
         const r = await fetch("/api/explanations", { method: "POST", body: form, signal });
-        const body = await readBody(r);
+        const streamed = (r.headers.get("Content-Type") || "").startsWith("application/x-ndjson");
+        const body = streamed ? await readStream(pane, r, run) : await readBody(r);
         if (run !== state.run) return;
-        const retry = Number.parseInt(r.headers.get("Retry-After") || "", 10);
-        if (r.status === 503 && retry > 0) {
+        pane.progress.hidden = true;
+        let status = r.status;
+        // After the first progress line the status is sent: an error then comes as the last line.
+        if (streamed && body && body.error && typeof body.code === "number") status = body.code;
+        const retry = status === 503 && streamed ? 2 : Number.parseInt(r.headers.get("Retry-After") || "", 10);
+        if (status === 503 && retry > 0) {
           pane.node.dataset.waited = "1";
           for (let s = retry; s > 0; s--) {
             setState(pane, "waiting", `waiting for a free slot, retrying in ${s} s`);
@@ -355,8 +410,8 @@
           setState(pane, "running", "explaining");
           continue;
         }
-        if (!r.ok) {
-          const text = sentence(`${pane.method} explanation`, r.status, body);
+        if (status < 200 || status >= 300) {
+          const text = sentence(`${pane.method} explanation`, status, body);
           setState(pane, "error", text);
           showError(text);
           return;
@@ -432,12 +487,19 @@
     if (res.method === "unioncam") {
       const p = document.createElement("p");
       p.className = "verdict";
-      // AMS keeps the union map only when its gain is strictly higher (a tie keeps the region map).
+      // AMS keeps the union map only when its gain is strictly higher. Gains equal to float32 rounding
+      // (details.beta_tie, decided by the server) are a tie, whichever way the strict rule went.
       const [bu, br] = fmtPair(d.beta_union, d.beta_region);
-      p.textContent = d.selected === "union"
-        ? `AMS kept the union map: its score gain β_union = ${bu} beat the region map's β_region = ${br}.`
-        : `AMS kept the region map: the union map's score gain β_union = ${bu} did not beat ` +
-          `the region map's β_region = ${br}${d.beta_union === d.beta_region ? " (a tie keeps the region map)" : ""}.`;
+      if (d.beta_tie || d.beta_union === d.beta_region) {
+        p.textContent = `AMS kept the ${d.selected} map on a tie: the score gains β_union = ${bu} and ` +
+          `β_region = ${br} are equal to float32 rounding, and the strict rule (the union map only when ` +
+          `β_union > β_region) decided.`;
+      } else {
+        p.textContent = d.selected === "union"
+          ? `AMS kept the union map: its score gain β_union = ${bu} beat the region map's β_region = ${br}.`
+          : `AMS kept the region map: the union map's score gain β_union = ${bu} did not beat ` +
+            `the region map's β_region = ${br}.`;
+      }
       const q = document.createElement("p");
       q.textContent = `The θ = ${d.theta} threshold removed ${fmt(100 * d.denoised_fraction, 0)} % of the ` +
         `gradient entries (${fmt(100 * d.denoised_positive_fraction, 0)} % of the positive ones); the denoised ` +
