@@ -81,10 +81,13 @@ class ProgressStream:
         return Progress(parts, bar=False, listener=listener)
 
     def finish(self, idxs: Sequence[int]) -> None:
-        """The engine call for ``idxs`` ended (their next lines say ``done``)."""
-        for i in idxs:
-            if i in self.state:
-                self.state[i]["state"] = "done"
+        """The engine call for ``idxs`` ended: a message goes at once, whatever the interval, so a client
+        always sees its last count (``done``) before the answer, however fast the explanation was."""
+        mine = [i for i in idxs if i in self.state]
+        for i in mine:
+            self.state[i]["state"] = "done"
+        if mine:
+            self._tick(first=True)
 
     def lines(self, out: list[Any]) -> None:
         """Make the streaming requests' answers in ``out`` single JSON lines (errors included), once a
