@@ -57,15 +57,15 @@ PREFIX = "timm/"
 #: One small model per family the documentation's table describes (``docs/models.md``): its rows are
 #: computed from these models by :func:`families_table`, not written by hand.
 TIMM_FAMILIES: tuple[tuple[str, str], ...] = (
-    ("ResNet / ResNeXt", "resnet10t"),
+    ("ResNet / ResNeXt", "resnet50"),
     ("RegNet", "regnetx_002"),
     ("EfficientNet", "efficientnet_b0"),
     ("MobileNet-v3", "mobilenetv3_small_050"),
-    ("ConvNeXt", "convnext_atto"),
+    ("ConvNeXt", "convnext_tiny"),
     ("DenseNet", "densenet121"),
     ("Swin (channels-last stages)", "swin_tiny_patch4_window7_224"),
-    ("ViT", "vit_tiny_patch16_224"),
-    ("ViT with registers", "vit_small_patch16_reg4_dinov2"),
+    ("ViT", "vit_base_patch16_224"),
+    ("ViT with registers", "vit_small_patch14_reg4_dinov2"),
     ("DeiT (distilled)", "deit_tiny_distilled_patch16_224"),
     ("EVA-02", "eva02_tiny_patch14_224"),
     ("BEiT", "beit_base_patch16_224"),
