@@ -37,6 +37,7 @@ from torch import nn
 
 from ..errors import InvalidInputError
 from .checkpoint import read_state_dict
+from .zoo import _unzero_head
 
 __all__ = [
     "PREFIX",
@@ -433,12 +434,10 @@ def load_timm(name: str, weights: str | os.PathLike = "imagenet", seed: int = 0,
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = _create(timm, bare, pretrained=False, **kwargs)
-            from .zoo import _unzero_head
-
-            _unzero_head(model)
+            _unzero_head(model)  # a zero head gives blank maps (timm's "jax" initialisations)
     elif isinstance(weights, str) and weights in ("imagenet", "pretrained"):
         cache = timm_cache_file(bare)
-        cfg = timm_input_config(full) and timm.models.get_pretrained_cfg(bare)
+        cfg = timm.models.get_pretrained_cfg(bare)
         cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg or {})
         if cache.is_file():
             kwargs = {**kwargs, "pretrained_cfg_overlay": {"file": str(cache)}}
