@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     tail = "-timm" if all(n.startswith("timm/") for n in names) else ""  # its own file: the torchvision rows stay
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"models-{dev.type}-{args.size}{tail}.json")
     record = {
-        "what": "one UnionCAM explanation per model, seeded random weights, fp32",
+        "what": "one UnionCAM explanation per model, seeded random weights, the engine's precision (auto: per row)",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu_name(),
         "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
