@@ -240,6 +240,26 @@ def test_pretrained_offline_is_a_sentence_and_the_named_file_is_read(monkeypatch
     assert torch.equal(m.head.weight, net.head.weight)
 
 
+def test_offline_fails_at_once_when_the_hub_does_not_resolve(monkeypatch, tmp_path):
+    import socket
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(k, raising=False)
+
+    def no_dns(*_a, **_k):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    def never(*_a, **_k):
+        raise AssertionError("a download was tried")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(timm.models._builder, "load_pretrained", never)
+    with pytest.raises(RuntimeError, match="may be offline") as err:
+        load_model("timm/resnet10t")
+    assert "resnet10t" in str(err.value) and str(tmp_path) in str(err.value)
+
+
 def test_names_and_a_missing_timm(monkeypatch):
     with pytest.raises(InvalidInputError, match="timm.list_models"):
         load_model("timm/no_such_model_here")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -369,6 +370,32 @@ def _offline_help(name: str, cfg: dict, cache: Path) -> str:
             "For tests and demos without a download use weights='random'.")
 
 
+def _surely_offline(cfg: dict) -> bool:
+    """Whether timm's download would surely fail: the weights are on the Hugging Face hub, not in its cache,
+    and the hub's host name does not resolve (with no proxy set, which would resolve it instead). Spares
+    an offline user the hub's retries (about 45 s) before the same error."""
+    hub = cfg.get("hf_hub_id")
+    if not hub or any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
+                                                    "ALL_PROXY", "all_proxy")):
+        return False
+    try:
+        from urllib.parse import urlparse
+
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        for name in ("model.safetensors", "pytorch_model.bin", cfg.get("hf_hub_filename")):
+            if name and isinstance(try_to_load_from_cache(hub, name), str):
+                return False
+        host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    except Exception:  # noqa: BLE001 — anything unexpected: let timm try
+        return False
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return True
+    return False
+
+
 def _create(timm, bare: str, **kw) -> nn.Module:
     """``timm.create_model`` with a position table that follows the image size where the model offers one."""
     with warnings.catch_warnings():
@@ -441,6 +468,8 @@ def load_timm(name: str, weights: str | os.PathLike = "imagenet", seed: int = 0,
         cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg or {})
         if cache.is_file():
             kwargs = {**kwargs, "pretrained_cfg_overlay": {"file": str(cache)}}
+        elif _surely_offline(cfg):
+            raise RuntimeError(_offline_help(full, cfg, cache))
         try:
             model = _create(timm, bare, pretrained=True, **kwargs)
         except Exception as exc:  # network, hub and file errors all mean "not available"
