@@ -8,6 +8,7 @@ the masked ones included, runs on each in about a second.
 
 from __future__ import annotations
 
+import base64
 import json
 import sys
 import zipfile
@@ -369,7 +370,8 @@ def test_torchserve_serves_a_timm_archive_offline(tmp_path, monkeypatch):
     try:
         assert "model timm/test_vit" in (ts.log_dir / "model_log.log").read_text(), ts.log_tail()
         img = random_png(5, 80)
-        px = unioncam.to_pixels(unioncam.decode_image(img), size=64)
+        assert net.interpolation == "bicubic"  # the worker resizes uploads as the model's pretrained_cfg says
+        px = unioncam.to_pixels(unioncam.decode_image(img), size=64, interpolation="bicubic")
         r = requests.post(f"{ts.url}/predictions/vit", headers=ts.headers(), data=img, timeout=120)
         assert r.status_code == 200, r.text
         with torch.no_grad():
@@ -381,5 +383,8 @@ def test_torchserve_serves_a_timm_archive_offline(tmp_path, monkeypatch):
         body = r.json()
         assert body["class"] == top[0] and body["details"]["layer"] == "blocks.5.norm1"
         assert body["map"]["shape"] == [64, 64]
+        raw = base64.b64decode(body["map"]["data"])
+        served = torch.frombuffer(bytearray(raw), dtype=torch.float16).reshape(64, 64).float()
+        assert (served - unioncam.explain(net, px, method="gradcam").saliency).abs().max() < 2e-3
     finally:
         ts.stop()
