@@ -46,10 +46,13 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
     if args.top_k is not None and args.target is not None:
         raise ValueError("--top-k and --target exclude each other")
+    from .models.cost import default_interpolation
+
     resolve_args(args, "explain")
     images, names = [], []
+    interpolation = default_interpolation(args.model)
     for path in args.images:  # read every image before the (slow) model load: a bad file fails at once
-        images.append(load_image(path, size=args.size))
+        images.append(load_image(path, size=args.size, interpolation=interpolation))
         names.append(Path(path).stem)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -67,19 +67,28 @@ def decode_image(data: bytes | bytearray | memoryview, field: str = "image") -> 
     return _to_rgb(img)
 
 
-def to_pixels(img: Image.Image, size: int | tuple[int, int] | None = 224) -> torch.Tensor:
-    """RGB PIL image → float32 ``[3, H, W]`` in ``[0, 1]``, resized (no crop) to ``size`` if given."""
+def to_pixels(img: Image.Image, size: int | tuple[int, int] | None = 224,
+              interpolation: str = "bilinear") -> torch.Tensor:
+    """RGB PIL image → float32 ``[3, H, W]`` in ``[0, 1]``, resized (no crop) to ``size`` if given, with
+    ``interpolation`` (``bilinear``, ``bicubic``, ``nearest``, ``lanczos``, ``box``, ``hamming``: a timm
+    model's ``interpolation``)."""
     if size is not None:
         hw = (size, size) if isinstance(size, int) else tuple(size)
-        img = img.resize((hw[1], hw[0]), Image.Resampling.BILINEAR)
+        try:
+            resample = Image.Resampling[str(interpolation).upper()]
+        except KeyError:
+            raise InvalidInputError("interpolation", f"{interpolation!r}",
+                                    "bilinear, bicubic, nearest, lanczos, box or hamming") from None
+        img = img.resize((hw[1], hw[0]), resample)
     return pil_to_tensor(img).float().div_(255.0)
 
 
-def load_image(path: str | os.PathLike, size: int | tuple[int, int] | None = 224) -> torch.Tensor:
+def load_image(path: str | os.PathLike, size: int | tuple[int, int] | None = 224,
+               interpolation: str = "bilinear") -> torch.Tensor:
     """Read an image file into float32 ``[3, H, W]`` pixels in ``[0, 1]`` (see :func:`to_pixels`)."""
     p = Path(path)
     try:
         data = p.read_bytes()
     except OSError as exc:
         raise InvalidInputError(f"image {str(path)!r}", f"cannot be read ({exc.strerror or exc})") from exc
-    return to_pixels(decode_image(data, field=f"image {str(path)!r}"), size)
+    return to_pixels(decode_image(data, field=f"image {str(path)!r}"), size, interpolation)

@@ -180,7 +180,7 @@ def resolve_layer(model: nn.Module, layer: str | None) -> tuple[str, nn.Module]:
     name = default_layer(model) if layer is None else layer
     modules = dict(model.named_modules())
     if not isinstance(name, str) or name not in modules or name == "":
-        some = [n for n in modules if n][-8:]
+        some = list(getattr(model, "layer_candidates", None) or [n for n in modules if n][-8:])
         raise InvalidInputError(
             "layer", f"{name!r} is not a module of this model", f"a name from model.named_modules(), e.g. {some}"
         )

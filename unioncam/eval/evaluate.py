@@ -379,7 +379,7 @@ def evaluate(folder: str | Path, out: str | Path, settings: EvalSettings = EvalS
             pixels, regions = [], []
             for it in group:
                 pil = decode_image(it.path.read_bytes(), field=f"image {it.key!r}")
-                pixels.append(to_pixels(pil, size))
+                pixels.append(to_pixels(pil, size, getattr(model, "interpolation", "bilinear")))  # timm: its own
                 regions.append(_region(it, size, pil.size, ann, msk))
             x = torch.stack(pixels)
             for method in methods:

@@ -10,6 +10,7 @@ from torch import nn
 from ..errors import InvalidInputError
 from .cost import ModelCost, model_cost
 from .shapes import SHAPE_CLASSES, ShapesCNN, load_shapes_cnn
+from .timm_zoo import is_timm, load_timm
 from .vgg import IMAGENET_MEAN, IMAGENET_STD, PixelVGG16, imagenet_categories, load_vgg16
 from .zoo import (
     TORCHVISION_MODELS,
@@ -31,8 +32,11 @@ __all__ = [
     "ShapesCNN",
     "default_layer_of",
     "imagenet_categories",
+    "is_known_model",
+    "is_timm",
     "load_model",
     "load_shapes_cnn",
+    "load_timm",
     "load_torchvision",
     "load_vgg16",
     "model_cost",
@@ -42,8 +46,14 @@ __all__ = [
 ]
 
 #: The names :func:`load_model` knows besides ``package.module:factory``: ``vgg16`` (:class:`PixelVGG16`),
-#: ``shapes`` and every torchvision classifier.
+#: ``shapes`` and every torchvision classifier. Besides them, ``timm/<name>`` takes any timm model
+#: (:func:`is_known_model`).
 MODELS: tuple[str, ...] = ("vgg16", "shapes", *(n for n in TORCHVISION_MODELS if n != "vgg16"))
+
+
+def is_known_model(name: object) -> bool:
+    """Whether ``name`` is one of :data:`MODELS` or a ``timm/<name>`` (its existence is checked on loading)."""
+    return isinstance(name, str) and (name in MODELS or is_timm(name))
 
 
 def load_model(name: str, weights: str | None = None, seed: int = 0,
@@ -64,7 +74,10 @@ def load_model(name: str, weights: str | None = None, seed: int = 0,
         return load_shapes_cnn(None if weights == "shipped" else weights, device=device, seed=seed)
     if isinstance(name, str) and name in TORCHVISION_MODELS:
         return load_torchvision(name, weights or "imagenet", seed=seed, device=device)
-    accepted = "vgg16, shapes, a torchvision classifier name (resnet50, vit_b_16, …) or package.module:factory"
+    if is_timm(name):
+        return load_timm(name, weights or "imagenet", seed=seed, device=device)
+    accepted = ("vgg16, shapes, a torchvision classifier name (resnet50, vit_b_16, …), timm/<name> (a timm model) "
+                "or package.module:factory")
     if isinstance(name, str) and ":" in name:
         mod, _, attr = name.partition(":")
         try:

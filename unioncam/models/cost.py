@@ -17,12 +17,24 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import InvalidInputError
 
-__all__ = ["ModelCost", "default_image_size", "fits", "meta_model", "model_cost", "smallest_side"]
+__all__ = ["ModelCost", "default_image_size", "default_interpolation", "fits", "meta_model", "model_cost", "smallest_side"]
 
 
 def default_image_size(name: str) -> int:
-    """The image side a model's shipped or ImageNet weights were trained on: 64 for ``shapes``, else 224."""
+    """The image side a model's shipped or ImageNet weights were trained on: 64 for ``shapes``, a timm
+    model's ``pretrained_cfg`` input size (its height), else 224."""
+    from .timm_zoo import is_timm, timm_input_config
+
+    if is_timm(name):
+        return timm_input_config(name)["size"][0]
     return 64 if name == "shapes" else 224
+
+
+def default_interpolation(name: str) -> str:
+    """How images are resized for model ``name``: a timm model's ``pretrained_cfg`` interpolation, else bilinear."""
+    from .timm_zoo import is_timm, timm_input_config
+
+    return timm_input_config(name)["interpolation"] if is_timm(name) else "bilinear"
 
 
 @dataclass(frozen=True)

@@ -18,12 +18,32 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["MODEL_HELP", "WEIGHTS_HELP", "Choice", "choose", "resolve_args", "imagenet_cache_file", "random_warning", "weights_label"]
+__all__ = ["MODEL_HELP", "WEIGHTS_HELP", "Choice", "choose", "resolve_args", "imagenet_cache_file", "model_arg",
+           "random_warning", "weights_label"]
+
+
+def model_arg(text: str) -> str:
+    """``--model`` of the commands whose worker must rebuild the model by name (``archive``, ``serve``):
+    a :data:`unioncam.models.MODELS` name or ``timm/<name>``."""
+    import argparse
+
+    from . import is_known_model
+
+    if not is_known_model(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a known model; accepted: vgg16, shapes, a torchvision "
+                                         "classifier name (resnet50, vit_b_16, …) or timm/<name>")
+    return text
 
 
 def imagenet_cache_file(model: str) -> Path:
-    """Where torchvision's default ImageNet weights of ``model`` live in the torch hub cache."""
+    """Where the default ImageNet weights of ``model`` live: torchvision's in the torch hub cache, a timm
+    model's at :func:`unioncam.models.timm_zoo.timm_cache_file`."""
     import torch
+
+    from .timm_zoo import is_timm, timm_cache_file
+
+    if is_timm(model):
+        return timm_cache_file(model)
     from torchvision.models import get_model_weights
 
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(get_model_weights(model).DEFAULT.url)
@@ -65,9 +85,11 @@ def random_warning(model: str, seed: int = 0) -> str:
 
 #: The ``--model`` / ``--weights`` help of every command.
 MODEL_HELP = ("vgg16, shapes (the trained CNN of the ground-truth benchmark, shipped), any torchvision classifier by "
-              "name (resnet50, densenet121, convnext_tiny, vit_b_16, swin_t, …){factory}; default vgg16 if its "
+              "name (resnet50, densenet121, convnext_tiny, vit_b_16, swin_t, …), any timm model as timm/NAME "
+              "(timm/resnet50, timm/vit_base_patch16_224, …; needs unioncam[timm]){factory}; default vgg16 if its "
               "ImageNet weights are in the torch hub cache, else shapes (a note says so)")
-WEIGHTS_HELP = ("'imagenet' (torchvision's, from the torch hub cache or downloaded), a torchvision weights name "
+WEIGHTS_HELP = ("'imagenet' (torchvision's or timm's pretrained, from their cache or downloaded; 'pretrained' is the "
+                "same), a torchvision weights name "
                 "(e.g. IMAGENET1K_V2), 'shipped' (shapes: the weights in the package), 'random' (seeded by "
                 "--weights-seed: maps mean nothing, for trying things out) or a path to a state dict of --model; "
                 "default the model's trained weights (shipped for shapes, else imagenet)")

@@ -51,7 +51,7 @@ def package_digest() -> str:
 class ArchiveSettings:
     """What goes into ``model-config.yaml``: TorchServe's batching and the engine's defaults."""
 
-    #: A :data:`unioncam.models.MODELS` name: ``vgg16``, ``shapes`` or any torchvision classifier.
+    #: A :data:`unioncam.models.MODELS` name (``vgg16``, ``shapes``, any torchvision classifier) or ``timm/<name>``.
     model: str = "vgg16"
     #: ``imagenet``, ``random`` (seeded by ``seed``) or a state dict's path; for ``shapes`` also ``shipped``.
     weights: str = "imagenet"
@@ -203,17 +203,17 @@ class ArchiveSettings:
     @property
     def weights_file(self) -> str:
         """The name of the serialized weights inside the archive."""
-        return f"{self.model}.pth"
+        return f"{self.model.replace('/', '-')}.pth"  # timm/<name>: no folder inside the archive
 
     def validate(self) -> None:
         """Raise :class:`InvalidInputError` for a setting the worker would refuse."""
-        from ..models import MODELS
+        from ..models import is_known_model
 
-        if self.model not in MODELS:
+        if not is_known_model(self.model):
             problem = (f"{self.model!r} is a user module; a TorchServe worker could not import it"
                        if ":" in str(self.model) else f"{self.model!r} is not a known model")
-            raise InvalidInputError("model", problem, "vgg16, shapes or a torchvision classifier name "
-                                    "(resnet50, vit_b_16, … : torchvision.models.list_models())")
+            raise InvalidInputError("model", problem, "vgg16, shapes, a torchvision classifier name "
+                                    "(resnet50, vit_b_16, … : torchvision.models.list_models()) or timm/<name>")
         if self.model == "shapes" and self.weights == "imagenet":
             raise InvalidInputError("weights", "'imagenet' does not exist for the shapes CNN",
                                     "'shipped' (the weights in the package), 'random' or a state dict's path")

@@ -62,6 +62,7 @@ class Defaults:
     method: str = "unioncam"
     theta: float = 10.0
     num_classes: int = 1000
+    interpolation: str = "bilinear"  #: how uploads are resized: the model's own (a timm model's pretrained_cfg)
 
 
 @dataclass
@@ -162,7 +163,7 @@ def _text(value: Any) -> Any:
     return value
 
 
-def _image(value: Any, name: str, size: int) -> tuple[torch.Tensor, float]:
+def _image(value: Any, name: str, size: int, interpolation: str = "bilinear") -> tuple[torch.Tensor, float]:
     start = time.perf_counter()
     if isinstance(value, dict) and "b64" in value:  # KServe v1's binary convention
         value = value["b64"]
@@ -181,7 +182,7 @@ def _image(value: Any, name: str, size: int) -> tuple[torch.Tensor, float]:
     elif not isinstance(value, (bytes, bytearray)):
         kind = "null" if value is None else type(value).__name__
         raise InvalidInputError(name, f"is a JSON {kind}", "an image file, or its bytes in base64")
-    pixels = to_pixels(decode_image(value, field=name), size=size)
+    pixels = to_pixels(decode_image(value, field=name), size=size, interpolation=interpolation)
     return pixels, (time.perf_counter() - start) * 1000
 
 
@@ -237,7 +238,7 @@ def _options(fields: dict[str, Any], defaults: Defaults) -> tuple[str, int | lis
 
 def _item(image: Any, options: dict[str, Any], name: str, defaults: Defaults) -> Item:
     method, target, top_k, theta, fmt = _options(options, defaults)
-    pixels, ms = _image(image, name, defaults.image_size)
+    pixels, ms = _image(image, name, defaults.image_size, defaults.interpolation)
     return Item(pixels, method, target, theta, fmt, ms, top_k)
 
 

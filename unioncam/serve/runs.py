@@ -68,11 +68,10 @@ def new_run_dir(runs: str | Path, run_name: str | None) -> Path:
 
 def add_archive_options(p: argparse.ArgumentParser) -> None:
     from ..methods import METHODS
-    from ..models import MODELS
-    from ..models.defaults import MODEL_HELP, WEIGHTS_HELP
+    from ..models.defaults import MODEL_HELP, WEIGHTS_HELP, model_arg
     from ..validation import PRECISION_CHOICES, positive_int_arg, theta_arg
 
-    p.add_argument("--model", default=None, choices=MODELS, metavar="NAME",
+    p.add_argument("--model", default=None, type=model_arg, metavar="NAME",
                    help=MODEL_HELP.format(factory=""))
     p.add_argument("--weights", default=None,
                    help=WEIGHTS_HELP + " (for random only the seed is archived)")

@@ -138,6 +138,7 @@ class UnionCAMService:
             method=validate_method(cfg.get("method", "unioncam")),
             theta=validate_theta(cfg.get("theta", 10.0)),
             num_classes=len(self.categories),
+            interpolation=getattr(self.model, "interpolation", "bilinear"),
         )
         size = (self.defaults.image_size, self.defaults.image_size)
         # b = f_c(0) once at start-up: every UnionCAM request then reuses the engine's cached value.
