@@ -146,7 +146,12 @@ def test_explanations_with_fixed_chunks_and_pool_first_are_todays():
         a = unioncam.explain(model, img, precision=precision, batch_size=4)
         b = unioncam.explain(model, img, precision=precision, batch_size=4,
                              fast={"fixed_chunks": True, "pool_first": True})
-        assert torch.equal(a.saliency, b.saliency) and a.details["selected"] == b.details["selected"]
+        # Fixed chunks change how many masked inputs one forward takes, so the GEMMs block differently: a
+        # CPU's bf16 kernels may then round a score's last bit otherwise (seen: 1.8e-7 on an Intel Xeon).
+        # The answer is the same map and the same selection, to within that rounding.
+        atol = 0.0 if precision == "fp32" else 1e-5
+        torch.testing.assert_close(b.saliency, a.saliency, rtol=0.0, atol=atol)
+        assert a.details["selected"] == b.details["selected"]
         assert b.details["fast_path"] == ["fixed_chunks", "pool_first"] and "fast_path" not in a.details
 
 

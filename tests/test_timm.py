@@ -347,7 +347,7 @@ def test_torchserve_serves_a_timm_archive_offline(tmp_path, monkeypatch):
     """The archive holds the name and the weights file: the worker rebuilds the model with no network."""
     requests = pytest.importorskip("requests")
     from unioncam.serve.archive import ArchiveSettings, build_archive
-    from unioncam.serve.server import Ports, TorchServe, config_text
+    from unioncam.serve.torchserve.server import Ports, TorchServe, config_text
     from unioncam.serve.viewer import archive_info
 
     from .fakes import random_png
