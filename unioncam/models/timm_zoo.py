@@ -38,7 +38,7 @@ from torch import nn
 
 from ..errors import InvalidInputError
 from .checkpoint import read_state_dict
-from .zoo import _unzero_head
+from .zoo import _unzero_head, pixel_subclass
 
 __all__ = [
     "PREFIX",
@@ -283,36 +283,18 @@ def layer_candidates(model: nn.Module) -> list[str]:
 _PIXEL_CLASSES: dict[type, type] = {}
 
 
+def _record_size(model: nn.Module, x: torch.Tensor) -> None:
+    model._unioncam_hw = (int(x.shape[-2]), int(x.shape[-1]))  # token maps use the image's patch grid
+
+
 def _pixel_class(cls: type) -> type:
     if getattr(cls, "_unioncam_pixel", False):
         return cls
     if cls not in _PIXEL_CLASSES:
-
-        def normalize(self, x: torch.Tensor) -> torch.Tensor:
-            """Pixels in ``[0, 1]`` → the normalised input of the weights (``pretrained_cfg``'s mean/std)."""
-            return (x - self.mean) / self.std
-
-        def forward_normalized(self, z: torch.Tensor) -> torch.Tensor:
-            """Logits of an already normalised input (for fused kernels that normalise themselves)."""
-            return cls.forward(self, z)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            self._unioncam_hw = (int(x.shape[-2]), int(x.shape[-1]))  # token maps use the image's patch grid
-            return cls.forward(self, self.normalize(x))
-
-        def layer_reshape(self, name: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
-            """How the output of layer ``name`` becomes ``[N, C, h, w]`` (``None``: it already is)."""
-            return _layer_reshape(self, name)
-
-        name = f"PixelTimm{cls.__name__}"
-        new = type(name, (cls,), {
-            "__module__": __name__, "__qualname__": name, "_unioncam_pixel": True, "normalize": normalize,
-            "forward_normalized": forward_normalized, "forward": forward, "layer_reshape": layer_reshape,
-            "__doc__": f"timm's {cls.__name__} whose first operation is its weights' normalisation "
-                       "(pixel input [N, 3, H, W] in [0, 1]).",
-        })
-        globals()[name] = new  # so that pickle finds it
-        _PIXEL_CLASSES[cls] = new
+        _PIXEL_CLASSES[cls] = pixel_subclass(
+            cls, f"PixelTimm{cls.__name__}", globals(), layer_reshape=_layer_reshape, on_input=_record_size,
+            doc=f"timm's {cls.__name__} whose first operation is its weights' normalisation (``pretrained_cfg``'s "
+                "mean/std; pixel input [N, 3, H, W] in [0, 1]).")
     return _PIXEL_CLASSES[cls]
 
 

@@ -20,6 +20,7 @@ import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision.models as tvm
@@ -126,40 +127,55 @@ def default_layer_of(model: nn.Module) -> str | None:
 _PIXEL_CLASSES: dict[type, type] = {}
 
 
+def pixel_subclass(cls: type, name: str, owner: dict[str, Any], doc: str,
+                   layer_reshape: Callable[[nn.Module, str], Callable[[torch.Tensor], torch.Tensor] | None],
+                   on_input: Callable[[nn.Module, torch.Tensor], None] | None = None) -> type:
+    """``cls`` with pixel input: ``forward`` normalises with the model's ``mean``/``std`` buffers, then runs
+    ``cls.forward`` (``forward_normalized``). The class is named ``name`` and set in ``owner`` (a module's
+    globals) so that pickle finds it; ``on_input(model, x)`` sees each pixel batch first."""
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixels in ``[0, 1]`` → the normalised input the weights were trained on."""
+        return (x - self.mean) / self.std
+
+    def forward_normalized(self, z: torch.Tensor) -> torch.Tensor:
+        """Logits of an already normalised input (for fused kernels that normalise themselves)."""
+        return cls.forward(self, z)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if on_input is not None:
+            on_input(self, x)
+        return cls.forward(self, self.normalize(x))
+
+    def reshape(self, layer: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """How the output of layer ``layer`` becomes ``[N, C, h, w]`` (``None``: it already is)."""
+        return layer_reshape(self, layer)
+
+    new = type(name, (cls,), {
+        "__module__": owner["__name__"], "__qualname__": name, "_unioncam_pixel": True, "normalize": normalize,
+        "forward_normalized": forward_normalized, "forward": forward, "layer_reshape": reshape, "__doc__": doc,
+    })
+    owner[name] = new
+    return new
+
+
+def _torchvision_reshape(model: nn.Module, name: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    if isinstance(model, tvm.VisionTransformer):
+        return vit_tokens_to_map
+    if isinstance(model, tvm.SwinTransformer) and name not in _SWIN_NCHW:
+        return nhwc_to_nchw
+    return None
+
+
 def _pixel_class(cls: type) -> type:
     """``cls`` with pixel input: ``forward`` normalises, then runs ``cls.forward`` (``forward_normalized``)."""
     if getattr(cls, "_unioncam_pixel", False):
         return cls
     if cls not in _PIXEL_CLASSES:
-
-        def normalize(self, x: torch.Tensor) -> torch.Tensor:
-            """Pixels in ``[0, 1]`` → the normalised input the weights were trained on."""
-            return (x - self.mean) / self.std
-
-        def forward_normalized(self, z: torch.Tensor) -> torch.Tensor:
-            """Logits of an already normalised input (for fused kernels that normalise themselves)."""
-            return cls.forward(self, z)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return cls.forward(self, self.normalize(x))
-
-        def layer_reshape(self, name: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
-            """How the output of layer ``name`` becomes ``[N, C, h, w]`` (``None``: it already is)."""
-            if isinstance(self, tvm.VisionTransformer):
-                return vit_tokens_to_map
-            if isinstance(self, tvm.SwinTransformer) and name not in _SWIN_NCHW:
-                return nhwc_to_nchw
-            return None
-
-        name = f"Pixel{cls.__name__}"
-        new = type(name, (cls,), {
-            "__module__": __name__, "__qualname__": name, "_unioncam_pixel": True, "normalize": normalize,
-            "forward_normalized": forward_normalized, "forward": forward, "layer_reshape": layer_reshape,
-            "__doc__": f"torchvision's {cls.__name__} whose first operation is the weights' normalisation "
-                       "(pixel input [N, 3, H, W] in [0, 1]).",
-        })
-        globals()[name] = new  # so that pickle finds it
-        _PIXEL_CLASSES[cls] = new
+        _PIXEL_CLASSES[cls] = pixel_subclass(
+            cls, f"Pixel{cls.__name__}", globals(), layer_reshape=_torchvision_reshape,
+            doc=f"torchvision's {cls.__name__} whose first operation is the weights' normalisation "
+                "(pixel input [N, 3, H, W] in [0, 1]).")
     return _PIXEL_CLASSES[cls]
 
 
