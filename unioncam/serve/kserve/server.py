@@ -314,6 +314,10 @@ def serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    # The port is bound and listening before the start-up lines say "ready": a client that acts on them is
+    # queued by the kernel until uvicorn accepts, never refused.
+    sock = config.bind_socket()
+    sock.listen(config.backlog)
     viewer = None
     try:
         if viewer_port:
@@ -334,13 +338,14 @@ def serve(args: argparse.Namespace) -> int:
               + (f"viewer: {viewer.url}/  (the browser page; it holds the token, answers only 127.0.0.1)\n"
                  if viewer else "")
               + "Ctrl-C stops the server.", flush=True)
-        server.run()
+        server.run(sockets=[sock])
         print("\nKServe's model server stopped.", flush=True)
         return 0
     except KeyboardInterrupt:
         print("\nstopping KServe's model server …", flush=True)
         return 0
     finally:
+        sock.close()
         if viewer is not None:
             viewer.stop()
         model.stop()
