@@ -285,11 +285,8 @@ def test_plain_and_pool_first_forwards_get_graphs_of_their_own(monkeypatch):
     assert len(_FakeGraph.made) == 2  # one per network, the plain one reused
 
 
-def test_a_failed_capture_falls_back_with_one_warning(monkeypatch):
-    def broken(fn, static_in):
-        raise RuntimeError("operation not permitted when stream is capturing")
-
-    _graphs_on_cpu(monkeypatch, broken)
+def _falls_back_once() -> tuple[Scorer, torch.Tensor, torch.Tensor]:
+    """Scores with CUDA graphs whose capture fails: today's scores, and one warning saying so."""
     model = make_tiny_cnn(seed=4)
     x, t = _inputs(9, 16, 10, seed=10)
     today = Scorer(model, batch_size=4).images(x, t)
@@ -299,6 +296,15 @@ def test_a_failed_capture_falls_back_with_one_warning(monkeypatch):
         got = scorer.images(x, t)
     assert len([w for w in rec if "cuda_graphs failed" in str(w.message)]) == 1
     assert torch.allclose(got, today, rtol=0, atol=1e-6)
+    return scorer, x, t
+
+
+def test_a_failed_capture_falls_back_with_one_warning(monkeypatch):
+    def broken(fn, static_in):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    _graphs_on_cpu(monkeypatch, broken)
+    scorer, x, t = _falls_back_once()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         scorer.images(x, t)
@@ -435,21 +441,13 @@ def test_a_failed_capture_leaves_no_pool_and_the_stream_it_found(monkeypatch, cu
     # torch.cuda.graph would leave the pool "under way" (every later empty_cache trips) and its stream current.
     monkeypatch.setattr(fastmod, "_cuda", cuda)
     _graphs_on_cpu(monkeypatch, fastmod._Graph)
-    model = make_tiny_cnn(seed=4)
-    x, t = _inputs(9, 16, 10, seed=10)
-    today = Scorer(model, batch_size=4).images(x, t)
-    scorer = Scorer(model, batch_size=4)
-    scorer.fast = FastPath(fixed_chunks=True, cuda_graphs=True)
-    with pytest.warns(RuntimeWarning, match="cuda_graphs failed") as rec:
-        got = scorer.images(x, t)
-    assert len([w for w in rec if "cuda_graphs failed" in str(w.message)]) == 1
-    assert torch.allclose(got, today, rtol=0, atol=1e-6)
+    scorer, _, _ = _falls_back_once()
     assert cuda.underway == [] and cuda.current is cuda.default and cuda.capturing is None
     if cuda.end_fails:  # the pool capture_end left routed: ended and released once, here
         assert cuda.ended == [(0, 1)] and cuda.released == [(0, 1)]
     else:  # captured, then found empty: torch ended the pool; its graph's destructor releases it
         assert cuda.ended == [] and cuda.released == []
-    assert fastmod.stats(model)["graphs_failed"] is True and fastmod.stats(model)["graphs"] == 0
+    assert fastmod.stats(scorer.model)["graphs_failed"] is True and fastmod.stats(scorer.model)["graphs"] == 0
 
 
 def test_compile_and_capture_are_timed_apart(monkeypatch):
