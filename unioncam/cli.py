@@ -38,16 +38,15 @@ def _result_line(png: str, label: str, res, method: str, weights: str | None) ->
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    from . import explain_batch, load_image
+    from . import load_image
     from .api import Progress, job_rows
     from .methods import get as get_method
     from .models import load_model
+    from .models.cost import default_interpolation
     from .models.defaults import resolve_args
 
     if args.top_k is not None and args.target is not None:
         raise ValueError("--top-k and --target exclude each other")
-    from .models.cost import default_interpolation
-
     resolve_args(args, "explain")
     images, names = [], []
     interpolation = default_interpolation(args.model)
@@ -65,14 +64,15 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     if not args.quiet and any(get_method(m).masked for m in args.method):
         bar = Progress([(get_method(m), rows) for m in args.method])
     try:
-        _explain_all(args, model, images, names, out, cats, several, bar, explain_batch)
+        _explain_all(args, model, images, names, out, cats, several, bar)
     finally:
         if bar is not None:
             bar.close()
     return 0
 
 
-def _explain_all(args, model, images, names, out, cats, several, bar, explain_batch) -> None:
+def _explain_all(args, model, images, names, out, cats, several, bar) -> None:
+    from . import explain_batch
     from .viz import overlay
 
     weights = _weights_label(args.weights, args.weights_seed)
